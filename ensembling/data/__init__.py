@@ -1,0 +1,7 @@
+"""NumPy data loaders: every loader returns a `Splits` of (x, y) arrays."""
+
+from ensembling.data.core import Splits, load, member_batch_indices, num_steps_per_epoch
+from ensembling.data.images import load_digits, load_idx_directory, read_idx
+
+__all__ = ["Splits", "load", "member_batch_indices", "num_steps_per_epoch",
+           "load_digits", "load_idx_directory", "read_idx"]

@@ -1,0 +1,90 @@
+"""Image datasets that need no download: scikit-learn's digits and IDX directories."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+
+import numpy as np
+
+from ensembling.data.core import Splits, make_splits
+
+IDX_MAGIC = {2049: 1, 2051: 3}  # labels: 1-d, images: 3-d
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+
+
+def read_idx(path: str, *, expect_magic: int) -> np.ndarray:
+  """Reads one (optionally gzipped) IDX file, checking its magic number and length."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"IDX file not found: {path}")
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(f"Cannot read {path}: {e} (corrupt or not gzip?)") from e
+  if len(raw) < 8:
+    raise ValueError(f"{path} is too short to be an IDX file ({len(raw)} bytes).")
+  magic = struct.unpack(">I", raw[:4])[0]
+  if magic != expect_magic:
+    raise ValueError(f"{path}: expected IDX magic {expect_magic}, found {magic}.")
+  ndim = IDX_MAGIC[magic]
+  dims = struct.unpack(f">{ndim}I", raw[4: 4 + 4 * ndim])
+  offset = 4 + 4 * ndim
+  expected = int(np.prod(dims))
+  if len(raw) - offset != expected:
+    raise ValueError(f"{path}: header says {dims} = {expected} bytes of data, "
+                     f"file holds {len(raw) - offset}.")
+  return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def load_idx_directory(directory: str, *, validation_size=5000, seed: int = 0,
+                       name: str = "idx") -> Splits:
+  """Loads the four MNIST-format files from `directory` (Fashion-MNIST, MNIST)."""
+  if not directory:
+    raise ValueError(f"{name} needs data.dir: a directory holding {sorted(IDX_FILES.values())}.")
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{name}: data directory not found: {directory}")
+  arr = {}
+  for key, fname in IDX_FILES.items():
+    arr[key] = read_idx(os.path.join(directory, fname),
+                        expect_magic=2051 if key.endswith("images") else 2049)
+  for split in ("train", "test"):
+    if len(arr[f"{split}_images"]) != len(arr[f"{split}_labels"]):
+      raise ValueError(f"{directory}: {split} has {len(arr[f'{split}_images'])} images but "
+                       f"{len(arr[f'{split}_labels'])} labels.")
+  to_x = lambda a: (a.astype(np.float32) / 255.0)[..., None]
+  return make_splits((to_x(arr["train_images"]), arr["train_labels"]),
+                     (to_x(arr["test_images"]), arr["test_labels"]),
+                     num_classes=10, validation_size=validation_size, seed=seed, name=name)
+
+
+def load_digits(directory: str = "", *, validation_size=0.1, seed: int = 0,
+                test_size: int = 360) -> Splits:
+  """scikit-learn's bundled 8x8 digits (1797 images): the embedded default.
+
+  A fixed test split of `test_size` images (seed 0, independent of `seed`) is held out
+  first, then the validation split is carved from the rest with `seed`.
+  """
+  del directory
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  x = (d.images.astype(np.float32) / 16.0)[..., None]
+  y = d.target.astype(np.int32)
+  perm = np.random.default_rng(0).permutation(len(x))
+  test, train = perm[:test_size], perm[test_size:]
+  return make_splits((x[train], y[train]), (x[test], y[test]), num_classes=10,
+                     validation_size=validation_size, seed=seed, name="digits")
+
+
+BUILTIN = {
+    "digits": load_digits,
+    "fashion_mnist": lambda d, **kw: load_idx_directory(d, name="fashion_mnist", **kw),
+    "mnist": lambda d, **kw: load_idx_directory(d, name="mnist", **kw),
+}

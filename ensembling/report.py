@@ -1,0 +1,128 @@
+"""Writing results: JSON, a Markdown table, and PNG plots into a workdir."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ensembling import ensemble, metrics
+
+METRIC_NAMES = ("accuracy", "nll", "ece", "brier")
+
+
+def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15) -> dict[str, Any]:
+  """Every member and every combination of them, on one labelled split.
+
+  Returns a dict with `members` (list of metric dicts), `best_member` (highest
+  accuracy), `mean_member` (mean over members of each metric), `ensemble`
+  (probability averaging), `logit_average`, `vote` (accuracy only: vote shares are
+  not calibrated probabilities), `disagreement` (K x K) and `mean_disagreement`.
+  """
+  logits = np.asarray(logits_KxBxC)
+  probs_K = ensemble.members_probs(logits)
+  per = [metrics.classification_metrics(p, labels_B, num_bins=num_bins) for p in probs_K]
+  best = max(range(len(per)), key=lambda i: per[i]["accuracy"])
+  preds = probs_K.argmax(-1)
+  logit_probs = np.asarray(ensemble.average_probs(ensemble.average_logits(logits)[None]))
+  return {
+      "members": per,
+      "best_member": {"index": best, **per[best]},
+      "mean_member": {n: float(np.mean([p[n] for p in per])) for n in METRIC_NAMES},
+      "ensemble": metrics.classification_metrics(
+          np.asarray(ensemble.average_probs(logits)), labels_B, num_bins=num_bins),
+      "logit_average": metrics.classification_metrics(logit_probs, labels_B, num_bins=num_bins),
+      "vote": {"accuracy": metrics.accuracy(np.asarray(ensemble.vote(logits)), labels_B)},
+      "disagreement": metrics.disagreement_matrix(preds).tolist(),
+      "mean_disagreement": metrics.mean_disagreement(preds),
+  }
+
+
+def accuracy_vs_members(logits_KxBxC, labels_B) -> list[float]:
+  """Test accuracy of the prob-average of the first k members, k = 1..K."""
+  cum = np.asarray(ensemble.cumulative_average_probs(np.asarray(logits_KxBxC)))
+  return [metrics.accuracy(p, labels_B) for p in cum]
+
+
+def markdown_table(rows: Sequence[tuple[str, Mapping[str, float]]],
+                   columns: Sequence[str] = METRIC_NAMES, *, digits: int = 4) -> str:
+  """A Markdown table: one row per (name, metrics); missing metrics print as '-'."""
+  head = "| | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+  body = ""
+  for name, vals in rows:
+    cells = []
+    for c in columns:
+      v = vals.get(c)
+      cells.append("-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v)))
+    body += f"| {name} | " + " | ".join(cells) + " |\n"
+  return head + body
+
+
+def ensemble_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float]]]:
+  rows = [(f"member {i}", m) for i, m in enumerate(report["members"])]
+  rows += [(f"best member ({report['best_member']['index']})", report["best_member"]),
+           ("mean member", report["mean_member"]),
+           ("ensemble (prob. average)", report["ensemble"]),
+           ("ensemble (logit average)", report["logit_average"]),
+           ("ensemble (vote)", report["vote"])]
+  return rows
+
+
+def write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, default=_to_builtin)
+
+
+def _to_builtin(x):
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(f"Not JSON serialisable: {type(x)}")
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_curve(path: str, xs, ys_by_label: Mapping[str, Sequence[float]], *, xlabel: str,
+               ylabel: str, title: str = "") -> None:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for label, ys in ys_by_label.items():
+    ax.plot(xs, ys, marker="o", label=label)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
+                labels: Sequence[str] | None = None) -> None:
+  plt = _pyplot()
+  m = np.asarray(matrix)
+  fig, ax = plt.subplots(figsize=(4.5, 4))
+  im = ax.imshow(m, cmap="viridis")
+  for i in range(m.shape[0]):
+    for j in range(m.shape[1]):
+      ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+              color="w" if m[i, j] < m.max() / 2 else "k")
+  if labels is not None:
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+  ax.set_title(title)
+  fig.colorbar(im, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

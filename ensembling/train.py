@@ -1,0 +1,193 @@
+"""The training loop shared by experiments: plain functions over a stacked state.
+
+`fit` runs member-parallel steps with per-member data order, periodic evaluation
+written to `metrics.jsonl`, orbax checkpoints, exact resumption, and NaN fail-fast.
+What is trained (state, step function, batches) is passed in, so trajectory methods,
+soups and SuperNet heads reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ensembling import checkpoint, data, ensemble, members, metrics, models, optim, schedules
+from ensembling import tree as tree_lib
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A member's loss became NaN or infinite."""
+
+
+def make_batch_fn(x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
+                  num_members: int) -> tuple[Callable[[int], dict], int]:
+  """`batch_fn(step) -> {"x": (K, B, ...), "y": (K, B)}` and the steps per epoch.
+
+  Each member has its own shuffle for every epoch; `batch_fn` is a pure function of
+  the global step, which is what makes resumption exact.
+  """
+  steps_per_epoch = data.num_steps_per_epoch(len(x), batch_size)
+  cache: dict[int, np.ndarray] = {}
+
+  def batch_fn(step: int) -> dict:
+    epoch, s = divmod(int(step), steps_per_epoch)
+    if epoch not in cache:
+      cache.clear()
+      cache[epoch] = data.member_batch_indices(seed, epoch, num_examples=len(x),
+                                               batch_size=batch_size, num_members=num_members)
+    idx = cache[epoch][s]
+    return {"x": x[idx], "y": y[idx]}
+
+  return batch_fn, steps_per_epoch
+
+
+def build_state(config, splits: data.Splits, *, total_steps: int):
+  """Model, optimizer and the stacked initial state that `config` describes.
+
+  Returns (model, tx, schedule, state_K). Per-member `optim.lr_scale` and
+  `optim.weight_decay` (scalars or length-K lists) are written into the state.
+  """
+  k = int(config.members)
+  model = models.make_model(config.model, num_classes=splits.num_classes)
+  schedule = schedules.make_schedule(config.optim, total_steps=total_steps)
+  tx = optim.optimizer_from_config(config.optim, schedule=schedule)
+  key = jax.random.key(int(config.seed))
+  variables = members.init_members(key, model, splits.x_train[:1], k)
+  state = members.init_states(variables, tx)
+  state["opt_state"] = optim.set_hyperparams(
+      state["opt_state"],
+      lr_scale=optim.per_member_values(config.optim.get("lr_scale", 1.0), k, name="optim.lr_scale"),
+      weight_decay=optim.per_member_values(config.optim.get("weight_decay", 0.0), k,
+                                           name="optim.weight_decay"))
+  return model, tx, schedule, state
+
+
+def evaluate_members(apply_fn: Callable, state_K: PyTree, x: np.ndarray, y: np.ndarray, *,
+                     strategy: str = "auto", batch_size: int = 1000) -> dict[str, np.ndarray]:
+  """Per-member accuracy and NLL on (x, y): arrays of shape (K,)."""
+  logits = members.predict(apply_fn, members.variables_of(state_K), x,
+                           batch_size=batch_size, strategy=strategy)
+  probs = ensemble.members_probs(logits)
+  return {
+      "accuracy": np.array([metrics.accuracy(p, y) for p in probs]),
+      "nll": np.array([metrics.nll(p, y) for p in probs]),
+  }
+
+
+def _read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _write_jsonl(path: str, records: Iterable[Mapping]) -> None:
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
+        num_steps: int, key: jax.Array, workdir: str | None = None,
+        eval_fn: Callable[[PyTree], Mapping[str, np.ndarray]] | None = None,
+        eval_every: int = 0, checkpoint_every: int = 0,
+        on_step: Callable[[int, PyTree, PyTree], PyTree] | None = None,
+        extra: PyTree = None, progress: bool = True, desc: str = "train",
+        steps_per_epoch: int | None = None) -> tuple[PyTree, PyTree, list[dict]]:
+  """Runs `num_steps` member-parallel steps; resumes from `workdir/checkpoints`.
+
+  Args:
+    state_K: the stacked initial state (used as-is unless a checkpoint exists).
+    step_fn: `(state_K, batch_K, keys_K) -> (state_K, metrics_K)` (see
+      `members.ensemble_step`).
+    batch_fn: `step -> batch_K`, deterministic in `step`.
+    num_steps: total steps (a resumed run continues up to it).
+    key: base PRNG key; member k, step t uses fold_in(split(key, K)[k], t).
+    workdir: where `metrics.jsonl` and `checkpoints/` go (None: nothing written).
+    eval_fn: `state_K -> {name: (K,) array}` called every `eval_every` steps and at
+      the end; results go to metrics.jsonl, one record per member.
+    checkpoint_every: steps between checkpoints (0: only at the end).
+    on_step: `(step, state_K, extra) -> extra` after every step (host side), e.g. to
+      collect snapshots; `extra` is checkpointed with the state.
+    extra: the initial value of `extra` (a pytree of arrays, or None).
+
+  Returns:
+    (state_K, extra, history): history holds the metrics.jsonl records.
+  """
+  k = tree_lib.num_members(state_K["step"])
+  keys = members.member_keys(key, k)
+  mgr = None
+  start = 0
+  metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  history: list[dict] = []
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
+    if checkpoint.latest_step(mgr) is not None:
+      restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra})
+      state_K, extra = restored["state"], restored["extra"]
+      start = int(checkpoint.latest_step(mgr))
+      log.info("Resumed from step %d", start)
+      history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
+      _write_jsonl(metrics_path, history)
+    elif metrics_path and os.path.exists(metrics_path):
+      os.remove(metrics_path)
+  state_K = members.shard_members(state_K)
+
+  def record(step, train_m, eval_m):
+    recs = []
+    for m in range(k):
+      r = {"step": int(step), "member": m}
+      if steps_per_epoch:
+        r["epoch"] = step / steps_per_epoch
+      r.update({f"train_{n}": float(v[m]) for n, v in train_m.items()})
+      r.update({f"val_{n}": float(v[m]) for n, v in eval_m.items()})
+      recs.append(r)
+    history.extend(recs)
+    if metrics_path:
+      with open(metrics_path, "a") as f:
+        for r in recs:
+          f.write(json.dumps(r) + "\n")
+
+  bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress,
+             dynamic_ncols=True, mininterval=1.0)
+  window: dict[str, list] = {}
+  t0 = time.time()
+  for step in range(start, num_steps):
+    batch = members.shard_members(batch_fn(step))
+    state_K, m = step_fn(state_K, batch, members.step_keys(keys, step))
+    loss = np.asarray(m["loss"])
+    if not np.isfinite(loss).all():
+      bad = np.flatnonzero(~np.isfinite(loss)).tolist()
+      raise NonFiniteLossError(f"Loss became non-finite at step {step} for member(s) {bad}: "
+                               f"{loss[bad].tolist()}. Lower the learning rate?")
+    for n, v in m.items():
+      window.setdefault(n, []).append(np.asarray(v))
+    if on_step is not None:
+      extra = on_step(step, state_K, extra)
+    done = step + 1
+    bar.update(1)
+    is_last = done == num_steps
+    if (eval_every and done % eval_every == 0) or is_last:
+      train_m = {n: np.mean(v, axis=0) for n, v in window.items()}
+      window = {}
+      eval_m = dict(eval_fn(state_K)) if eval_fn else {}
+      record(done, train_m, eval_m)
+      shown = eval_m.get("accuracy", train_m.get("accuracy"))
+      bar.set_postfix(loss=f"{np.mean(train_m['loss']):.3f}", acc=f"{np.mean(shown):.3f}")
+    if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
+      checkpoint.save(mgr, done, {"state": state_K, "extra": extra})
+  bar.close()
+  log.info("%s: %d steps in %.1fs", desc, num_steps - start, time.time() - t0)
+  return state_K, extra, history

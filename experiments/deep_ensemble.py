@@ -1,0 +1,52 @@
+"""Deep ensemble: train K members in parallel, evaluate every way of combining them."""
+
+import os
+
+import jax
+import numpy as np
+
+from ensembling import data, members, report, train
+
+
+def run(config, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  splits = data.load(config.data, seed=config.seed)
+  k = int(config.members)
+  batch_fn, steps_per_epoch = train.make_batch_fn(
+      splits.x_train, splits.y_train, seed=config.seed, batch_size=config.batch_size,
+      num_members=k)
+  total = steps_per_epoch * int(config.epochs)
+  model, tx, _, state = train.build_state(config, splits, total_steps=total)
+  strategy = members.resolve_strategy(config.members_strategy, state["params"])
+  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
+                                  strategy=strategy)
+  eval_fn = lambda s: train.evaluate_members(model.apply, s, splits.x_val, splits.y_val,
+                                             strategy=strategy,
+                                             batch_size=config.eval_batch_size)
+  state, _, _ = train.fit(
+      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
+      key=jax.random.key(config.seed + 1), workdir=workdir, eval_fn=eval_fn,
+      eval_every=config.eval_every_steps or steps_per_epoch,
+      checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
+      progress=config.progress, desc=f"{k} members ({strategy})",
+      steps_per_epoch=steps_per_epoch)
+
+  logits = members.predict(model.apply, members.variables_of(state), splits.x_test,
+                           batch_size=config.eval_batch_size, strategy=strategy)
+  rep = report.ensemble_report(logits, splits.y_test)
+  rep["accuracy_vs_members"] = report.accuracy_vs_members(logits, splits.y_test)
+  rep["data"] = splits.describe()
+  rep["strategy"] = strategy
+  report.write_json(os.path.join(workdir, "results.json"), rep)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(f"# Deep ensemble: {k} x {config.model.name} on {splits.name} (test split)\n\n")
+    f.write(report.markdown_table(report.ensemble_rows(rep)))
+    f.write(f"\nMean pairwise disagreement: {rep['mean_disagreement']:.4f}\n")
+  report.plot_curve(os.path.join(workdir, "accuracy_vs_members.png"),
+                    np.arange(1, k + 1), {"prob. average": rep["accuracy_vs_members"]},
+                    xlabel="members", ylabel="test accuracy")
+  report.plot_matrix(os.path.join(workdir, "disagreement.png"), rep["disagreement"],
+                     title="pairwise disagreement (test)")
+  return rep
