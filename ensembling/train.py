@@ -127,6 +127,11 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
   """
   k = tree_lib.num_members(state_K["step"])
   keys = members.member_keys(key, k)
+  # Running sums of the train metrics since the last eval; checkpointed, so a resumed
+  # run logs exactly what an uninterrupted one would.
+  metrics_shape = jax.eval_shape(step_fn, state_K, batch_fn(0), members.step_keys(keys, 0))[1]
+  window = {"sum": jax.tree.map(lambda m: np.zeros(m.shape, np.float32), metrics_shape),
+            "count": np.zeros((), np.int32)}
   mgr = None
   start = 0
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
@@ -135,8 +140,8 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     if checkpoint.latest_step(mgr) is not None:
-      restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra})
-      state_K, extra = restored["state"], restored["extra"]
+      restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra, "window": window})
+      state_K, extra, window = restored["state"], restored["extra"], restored["window"]
       start = int(checkpoint.latest_step(mgr))
       log.info("Resumed from step %d", start)
       history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
@@ -162,7 +167,6 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
 
   bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress,
              dynamic_ncols=True, mininterval=1.0)
-  window: dict[str, list] = {}
   t0 = time.time()
   for step in range(start, num_steps):
     batch = members.shard_members(batch_fn(step))
@@ -172,22 +176,22 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
       bad = np.flatnonzero(~np.isfinite(loss)).tolist()
       raise NonFiniteLossError(f"Loss became non-finite at step {step} for member(s) {bad}: "
                                f"{loss[bad].tolist()}. Lower the learning rate?")
-    for n, v in m.items():
-      window.setdefault(n, []).append(np.asarray(v))
+    window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
+              "count": window["count"] + 1}
     if on_step is not None:
       extra = on_step(step, state_K, extra)
     done = step + 1
     bar.update(1)
     is_last = done == num_steps
     if (eval_every and done % eval_every == 0) or is_last:
-      train_m = {n: np.mean(v, axis=0) for n, v in window.items()}
-      window = {}
+      train_m = {n: v / max(int(window["count"]), 1) for n, v in window["sum"].items()}
+      window = {"sum": jax.tree.map(np.zeros_like, window["sum"]), "count": np.zeros((), np.int32)}
       eval_m = dict(eval_fn(state_K)) if eval_fn else {}
       record(done, train_m, eval_m)
       shown = eval_m.get("accuracy", train_m.get("accuracy"))
       bar.set_postfix(loss=f"{np.mean(train_m['loss']):.3f}", acc=f"{np.mean(shown):.3f}")
     if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
-      checkpoint.save(mgr, done, {"state": state_K, "extra": extra})
+      checkpoint.save(mgr, done, {"state": state_K, "extra": extra, "window": window})
   bar.close()
   log.info("%s: %d steps in %.1fs", desc, num_steps - start, time.time() - t0)
   return state_K, extra, history

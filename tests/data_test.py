@@ -1,0 +1,110 @@
+import gzip
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from ensembling import data
+from conftest import SHARED_DATA
+
+
+def _write_idx(path, arr, magic):
+  header = struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape)
+  with gzip.open(path, "wb") as f:
+    f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def _fake_idx_dir(tmp_path, n_train=120, n_test=30):
+  rng = np.random.default_rng(0)
+  files = {
+      "train-images-idx3-ubyte.gz": (rng.integers(0, 256, (n_train, 28, 28)), 2051),
+      "train-labels-idx1-ubyte.gz": (rng.integers(0, 10, n_train), 2049),
+      "t10k-images-idx3-ubyte.gz": (rng.integers(0, 256, (n_test, 28, 28)), 2051),
+      "t10k-labels-idx1-ubyte.gz": (rng.integers(0, 10, n_test), 2049),
+  }
+  for name, (arr, magic) in files.items():
+    _write_idx(os.path.join(tmp_path, name), arr, magic)
+  return files
+
+
+def test_idx_directory_roundtrip(tmp_path):
+  files = _fake_idx_dir(tmp_path)
+  s = data.load({"name": "fashion_mnist", "dir": str(tmp_path), "validation_size": 20}, seed=3)
+  assert s.x_train.shape == (100, 28, 28, 1) and s.x_val.shape == (20, 28, 28, 1)
+  assert s.x_test.shape == (30, 28, 28, 1) and s.num_classes == 10
+  # The split is a permutation of the original training set.
+  y_all = files["train-labels-idx1-ubyte.gz"][0]
+  assert sorted(np.concatenate([s.y_train, s.y_val]).tolist()) == sorted(y_all.tolist())
+  np.testing.assert_array_equal(s.y_test, files["t10k-labels-idx1-ubyte.gz"][0])
+  assert abs(float(s.x_train.mean())) < 1e-4  # standardized with train statistics
+  s2 = data.load({"name": "fashion_mnist", "dir": str(tmp_path), "validation_size": 20}, seed=3)
+  np.testing.assert_array_equal(s.y_val, s2.y_val)
+
+
+def test_idx_errors_name_the_file(tmp_path):
+  _fake_idx_dir(tmp_path)
+  bad = os.path.join(tmp_path, "train-labels-idx1-ubyte.gz")
+  _write_idx(bad, np.zeros(120), 2051)
+  with pytest.raises(ValueError, match="train-labels-idx1-ubyte.gz: expected IDX magic 2049, found 2051"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path)})
+  with gzip.open(bad, "wb") as f:  # truncated payload
+    f.write(struct.pack(">II", 2049, 120) + b"\x00" * 50)
+  with pytest.raises(ValueError, match="header says"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path)})
+  os.remove(bad)
+  with pytest.raises(FileNotFoundError, match="train-labels-idx1-ubyte.gz"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path)})
+  with open(os.path.join(tmp_path, "train-labels-idx1-ubyte.gz"), "wb") as f:
+    f.write(b"not gzip at all")
+  with pytest.raises(ValueError, match="corrupt"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path)})
+  with pytest.raises(FileNotFoundError, match="not found"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path / "nope")})
+  with pytest.raises(ValueError, match="needs data.dir"):
+    data.load({"name": "fashion_mnist", "dir": ""})
+
+
+def test_unknown_names():
+  with pytest.raises(ValueError, match="Unknown data.source"):
+    data.load({"name": "digits", "source": "web"})
+  with pytest.raises(ValueError, match="built-in ones"):
+    data.load({"name": "cifar", "source": "builtin"})
+
+
+def test_digits_is_embedded(digits):
+  assert digits.x_test.shape == (360, 8, 8, 1)
+  assert len(digits.x_train) + len(digits.x_val) == 1797 - 360
+  assert set(np.unique(digits.y_train)) == set(range(10))
+
+
+def test_member_batch_indices_are_per_member_permutations():
+  idx = data.member_batch_indices(0, 0, num_examples=103, batch_size=10, num_members=4)
+  assert idx.shape == (10, 4, 10)
+  for k in range(4):
+    seen = idx[:, k].reshape(-1)
+    assert len(set(seen.tolist())) == 100  # without replacement within an epoch
+  assert not np.array_equal(idx[:, 0], idx[:, 1])  # members see different orders
+  idx_e1 = data.member_batch_indices(0, 1, num_examples=103, batch_size=10, num_members=4)
+  assert not np.array_equal(idx, idx_e1)  # a new order each epoch
+  np.testing.assert_array_equal(idx, data.member_batch_indices(0, 0, num_examples=103,
+                                                               batch_size=10, num_members=4))
+  with pytest.raises(ValueError, match="exceeds"):
+    data.member_batch_indices(0, 0, num_examples=5, batch_size=10, num_members=2)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "fashion-mnist")),
+                    reason="../shared/data/fashion-mnist not present")
+def test_real_fashion_mnist_headers():
+  s = data.load({"name": "fashion_mnist", "dir": os.path.join(SHARED_DATA, "fashion-mnist"),
+                 "validation_size": 5000})
+  assert s.x_train.shape == (55000, 28, 28, 1) and s.x_test.shape == (10000, 28, 28, 1)
+  assert np.bincount(s.y_test).tolist() == [1000] * 10
+
+
+def test_tfds_source_with_mock_data():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+    s = data.load({"name": "mnist", "source": "tfds", "validation_size": 8}, seed=0)
+  assert s.x_train.shape == (32, 28, 28, 1) and s.x_val.shape == (8, 28, 28, 1)
+  assert s.x_test.shape[1:] == (28, 28, 1) and s.num_classes == 10
