@@ -26,6 +26,7 @@ EXTRAS["dev"] = [
     "nbformat>=5.10",
     "ipykernel>=6.29",
     *EXTRAS["text"],
+    *EXTRAS["tfds"],
 ]
 
 setuptools.setup(
