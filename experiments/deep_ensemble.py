@@ -1,5 +1,6 @@
 """Deep ensemble: train K members in parallel, evaluate every way of combining them."""
 
+import logging
 import os
 
 import jax
@@ -40,10 +41,12 @@ def run(config, workdir: str) -> dict:
   rep["data"] = splits.describe()
   rep["strategy"] = strategy
   report.write_json(os.path.join(workdir, "results.json"), rep)
+  table = (f"# Deep ensemble: {k} x {config.model.name} on {splits.name} (test split)\n\n"
+           + report.markdown_table(report.ensemble_rows(rep))
+           + f"\nMean pairwise disagreement: {rep['mean_disagreement']:.4f}\n")
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# Deep ensemble: {k} x {config.model.name} on {splits.name} (test split)\n\n")
-    f.write(report.markdown_table(report.ensemble_rows(rep)))
-    f.write(f"\nMean pairwise disagreement: {rep['mean_disagreement']:.4f}\n")
+    f.write(table)
+  logging.info("Results (%s):\n%s", workdir, table)
   report.plot_curve(os.path.join(workdir, "accuracy_vs_members.png"),
                     np.arange(1, k + 1), {"prob. average": rep["accuracy_vs_members"]},
                     xlabel="members", ylabel="test accuracy")
