@@ -22,6 +22,9 @@ K. The greedy and pruned loops stay exactly the sequential algorithms: the candi
 of a batch are only valid until one of them is accepted, and everything after an
 accepted candidate is re-evaluated against the new soup (speculative evaluation;
 `evaluation="loop"` evaluates one candidate at a time and gives the same result).
+On a 2-core CPU batching measured slower than the loop (the forward passes are
+compute bound and speculation re-does work after each acceptance), so the default
+"auto" picks "loop" on CPU and "vmap" on accelerators.
 
 Soups of models with BatchNorm must recompute the batch statistics of the averaged
 weights; do that inside `eval_fn` (and again for the returned soup).
@@ -29,6 +32,7 @@ weights; do that inside `eval_fn` (and again for the returned soup).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -40,7 +44,7 @@ import optax
 from ensembling import tree as tree_lib
 
 PyTree = Any
-EVALUATIONS = ("vmap", "loop")
+EVALUATIONS = ("auto", "vmap", "loop", "python")
 
 
 class SoupResult(NamedTuple):
@@ -105,6 +109,23 @@ def _uniform_rows(sets: Sequence[Sequence[int]], n: int) -> np.ndarray:
   return w
 
 
+@functools.lru_cache(maxsize=16)
+def _batched_eval(eval_fn: Callable, batch_size: int | None) -> Callable:
+  """jit(candidate weights -> scores), cached so repeated soups with one `eval_fn`
+  compile once."""
+  def many(s, w_CxK):
+    one = lambda w: jnp.asarray(eval_fn(tree_lib.weighted_sum(s, w)), jnp.float32)
+    if batch_size:
+      return jax.lax.map(one, w_CxK, batch_size=batch_size)
+    return jax.vmap(one)(w_CxK)
+  return jax.jit(many)
+
+
+@functools.lru_cache(maxsize=16)
+def _single_eval(eval_fn: Callable) -> Callable:
+  return jax.jit(lambda s, w: jnp.asarray(eval_fn(tree_lib.weighted_sum(s, w)), jnp.float32))
+
+
 class _Evaluator:
   """Scores candidate soups given as rows of mixing weights over the ingredients."""
 
@@ -114,21 +135,24 @@ class _Evaluator:
       raise ValueError(f"Unknown evaluation {evaluation!r}; choose one of {EVALUATIONS}.")
     self.stacked, self.eval_fn, self.evaluation = stacked, eval_fn, evaluation
     self.n = tree_lib.num_members(stacked)
+    if evaluation == "auto":  # measured: benchmarks/soup_candidates.py, docs/results_soups.md
+      evaluation = "loop" if jax.default_backend() == "cpu" else "vmap"
+    self.evaluation = evaluation
     self.calls = 0
     if evaluation == "vmap":
-      def many(s, w_CxK):
-        one = lambda w: jnp.asarray(eval_fn(tree_lib.weighted_sum(s, w)), jnp.float32)
-        if batch_size:
-          return jax.lax.map(one, w_CxK, batch_size=batch_size)
-        return jax.vmap(one)(w_CxK)
-      self._many = jax.jit(many)
+      self._many = _batched_eval(eval_fn, batch_size)
+    elif evaluation == "loop":
+      self._one = _single_eval(eval_fn)
 
   def __call__(self, w_CxK: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
     c = len(w_CxK)
-    if self.evaluation == "loop":
+    if self.evaluation in ("loop", "python"):
       out = []
       for w in w_CxK:
-        out.append(float(self.eval_fn(tree_lib.weighted_sum(self.stacked, jnp.asarray(w)))))
+        if self.evaluation == "loop":
+          out.append(float(self._one(self.stacked, jnp.asarray(w))))
+        else:
+          out.append(float(self.eval_fn(tree_lib.weighted_sum(self.stacked, jnp.asarray(w)))))
         self.calls += 1
       return np.asarray(out, np.float64)
     if pad_to and c < pad_to:  # one compiled shape for every pass
@@ -209,7 +233,7 @@ def uniform_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable | Non
 
 def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
                 order: str | Sequence[int] = "sorted", key=None,
-                evaluation: str = "vmap", batch_size: int | None = None) -> SoupResult:
+                evaluation: str = "auto", batch_size: int | None = None) -> SoupResult:
   """Greedy soup (Wortsman et al. 2022, Recipe 1).
 
   Visits the ingredients in `order`; the first is always taken, every next one is
@@ -224,8 +248,11 @@ def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
       "ascending", "random" (needs `key`), "given" (input order), or a sequence of
       ingredient indices (unlisted ingredients are never visited).
     key: a jax PRNG key or an int seed for order="random".
-    evaluation: "vmap" (candidates of a pass evaluated together) or "loop" (one at a
-      time, any Python `eval_fn`). Both give the same soup.
+    evaluation: how candidates are scored; every mode gives the same soup.
+      "vmap": the candidates of a pass together, `eval_fn` vmapped over them in one
+      jitted call; "loop": one jitted call per candidate; "python": `eval_fn` called
+      as is (need not be traceable); "auto": "loop" on CPU (where batching measured
+      slower, docs/results_soups.md), "vmap" on accelerators.
     batch_size: with "vmap", evaluate at most this many candidates at once
       (`jax.lax.map(..., batch_size=)`) to bound memory; None: all at once.
 
@@ -265,7 +292,7 @@ def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
 
 def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
                 passes: int = 1, order: str | Sequence[int] = "sorted", key=None,
-                evaluation: str = "vmap", batch_size: int | None = None) -> SoupResult:
+                evaluation: str = "auto", batch_size: int | None = None) -> SoupResult:
   """Pruned soup (seed 002): remove ingredients from the uniform soup while it helps.
 
   Starts from the uniform soup of all ingredients with its held-out score as the
@@ -282,7 +309,7 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
       the seed), "ascending" (worst first), "random" (needs `key`), "given", or a
       sequence of ingredient indices (unlisted ones are never removed).
     key: a jax PRNG key or an int seed for order="random".
-    evaluation: "vmap" (the candidates of a pass evaluated together) or "loop".
+    evaluation: "auto" | "vmap" | "loop" | "python", as for `greedy_soup`.
     batch_size: with "vmap", the most candidates evaluated at once (None: all).
 
   Returns:

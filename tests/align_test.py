@@ -13,13 +13,13 @@ from ensembling import tree as tree_lib
 def _mlp():
   model = models.MLP(widths=(16, 12, 8), num_classes=5)
   x = jax.random.normal(jax.random.key(1), (7, 4, 5))
-  return model, model.init(jax.random.key(0), x), x
+  return model, jax.jit(model.init)(jax.random.key(0), x), x
 
 
 def _cnn():
   model = models.CNN(num_classes=4, stages=(4, 6), dropouts=(0.0, 0.0))
   x = jax.random.normal(jax.random.key(1), (3, 12, 12, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   # random running statistics, so that forgetting to permute them would show
   rng = np.random.default_rng(0)
   variables["batch_stats"] = jax.tree.map(
@@ -54,11 +54,12 @@ def test_permuted_network_computes_the_same_function(make, spec_fn):
   # the weights really moved ...
   assert not np.allclose(pv["params"]["head"]["kernel"], v["params"]["head"]["kernel"])
   # ... but the function did not
-  out, pout = model.apply(v, x), model.apply(pv, x)
+  apply = jax.jit(model.apply)
+  out, pout = apply(v, x), apply(pv, x)
   np.testing.assert_allclose(pout.logits, out.logits, rtol=1e-5, atol=1e-5)
   if "batch_stats" in v:  # train mode: batch statistics and their running averages
-    (o1, s1), (o2, s2) = (model.apply(t, x, train=True, mutable=["batch_stats"])
-                          for t in (v, pv))
+    train_apply = jax.jit(lambda t: model.apply(t, x, train=True, mutable=["batch_stats"]))
+    (o1, s1), (o2, s2) = train_apply(v), train_apply(pv)
     np.testing.assert_allclose(o2.logits, o1.logits, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(align.apply_permutation(spec, perm, s1), s2,
                                 rtol=1e-5, atol=1e-6)
@@ -99,8 +100,9 @@ def test_interpolation_and_barrier():
   model, v, x = _mlp()
   spec = align.mlp_permutation_spec(v)
   pv = align.apply_permutation(spec, align.random_permutation(1, spec, v), v)
-  ref = model.apply(v, x).logits
-  ev = lambda t: {"dist": float(jnp.mean((model.apply(t, x).logits - ref) ** 2))}
+  apply = jax.jit(model.apply)
+  ref = apply(v, x).logits
+  ev = lambda t: {"dist": float(jnp.mean((apply(t, x).logits - ref) ** 2))}
   alphas = np.linspace(0, 1, 5)
   naive = align.interpolation_curve(ev, v, pv, alphas)["dist"]
   assert naive[0] == pytest.approx(0, abs=1e-10) and naive[-1] == pytest.approx(0, abs=1e-9)

@@ -120,7 +120,9 @@ def test_batched_equals_sequential_evaluation():
              lambda **kw: soups.pruned_soup(ings, ev, passes=3, order="ascending", **kw)):
     a, b = fn(evaluation="vmap"), fn(evaluation="loop")
     c = fn(evaluation="vmap", batch_size=2)
-    assert a.indices == b.indices == c.indices
+    d = fn(evaluation="python")
+    assert a.indices == b.indices == c.indices == d.indices
+    assert [h[2] for h in b.history] == [h[2] for h in d.history]
     assert [(h[0], h[2]) for h in a.history] == [(h[0], h[2]) for h in b.history]
     np.testing.assert_allclose([h[1] for h in a.history], [h[1] for h in b.history], rtol=1e-6)
     assert a.history == c.history
