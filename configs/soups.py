@@ -75,6 +75,7 @@ def get_config(arg=None):
     c.progress = False
     c.pretrain.epochs = 1
     c.finetune.ingredients, c.finetune.max_epochs = 4, 2
-    c.soups.random_orders, c.soups.passes, c.soups.learned_steps = 2, 2, 10
+    c.data.limit_train = 480
+    c.soups.random_orders, c.soups.passes, c.soups.learned_steps = 1, 2, 10
     c.scratch.members, c.scratch.epochs, c.scratch.alphas = 3, 2, 5
   return c
