@@ -138,6 +138,9 @@ class _Evaluator:
     if evaluation == "auto":  # measured: benchmarks/soup_candidates.py, docs/results_soups.md
       evaluation = "loop" if jax.default_backend() == "cpu" else "vmap"
     self.evaluation = evaluation
+    # candidates scored per call: all of a pass when batched; one at a time otherwise
+    # (no speculation, so nothing is evaluated twice)
+    self.window = None if evaluation == "vmap" else 1
     self.calls = 0
     if evaluation == "vmap":
       self._many = _batched_eval(eval_fn, batch_size)
@@ -273,7 +276,7 @@ def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
   history = [((int(valid[seq[0]]),), float(best), True)]
   pos = 1
   while pos < len(seq):
-    block = seq[pos:]
+    block = seq[pos:][:evaluate.window]
     scores = evaluate(_uniform_rows([chosen + [j] for j in block], n), pad_to=n)
     for j, s in zip(block, scores):
       pos += 1
@@ -334,9 +337,10 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
     removed_any = False
     queue = [i for i in seq if i in chosen]
     while queue and len(chosen) > 1:
-      cands = [[c for c in chosen if c != i] for i in queue]
+      block = queue[:evaluate.window]
+      cands = [[c for c in chosen if c != i] for i in block]
       scores = evaluate(_uniform_rows(cands, n), pad_to=n)
-      for i, rest, s in zip(list(queue), cands, scores):
+      for i, rest, s in zip(block, cands, scores):
         queue.pop(0)
         accepted = bool(s >= base)
         history.append((tuple(int(valid[c]) for c in rest), float(s), accepted))
