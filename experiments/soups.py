@@ -151,6 +151,7 @@ def run_soups(config, splits, model, params_K, *, prefix):
                      test_nll=float(np.mean([m["nll"] for m in tm])),
                      ingredients=float(np.mean([len(r.indices) for r in results])),
                      indices=[list(r.indices) for r in results],
+                     val_acc_each=[r.score for r in results],
                      test_acc_each=[m["accuracy"] for m in tm]))
 
   add("uniform soup", [soups.uniform_soup(params_K, val_accuracy)])
