@@ -16,6 +16,13 @@ MLPs (784-512-512-10) because the CPU is small; see docs/results_soups.md:
     python -m experiments.main --config=configs/soups.py:fashion_mnist \
         --workdir=runs/soups_fmnist
 
+Measured (runs as in docs/results_soups.md: the two parts run separately, the scratch
+part with `--config.scratch.epochs=3`): fine-tuned, best individual 88.70 val / 88.27
+test; greedy (sorted) 88.90 / 88.36 with 2 ingredients; pruned (sorted) 88.86 / 88.18
+with 6; learned per layer 88.88 / 88.49. From scratch (8 MLPs, 3 epochs): uniform soup
+10.00% test, after weight matching 83.75% (individuals 88.3%); loss barrier between
+two members 1.009 naive, 0.065 aligned.
+
 Tiny smoke run (digits, seconds): `--config=configs/soups.py:runlocal`.
 """
 
