@@ -1,0 +1,445 @@
+"""Model soups: one model whose weights average several fine-tuned ingredients.
+
+Wortsman et al. (2022), "Model soups", and the pruned soup of seed 002:
+
+- `uniform_soup`: the plain average of all ingredients;
+- `greedy_soup`: go through the ingredients (sorted by held-out score, or in a random
+  or given order) and add one only if the held-out score of the soup does not drop
+  (Recipe 1: the first ingredient is always taken);
+- `pruned_soup`: start from the uniform soup and, for `passes` passes, remove one
+  ingredient at a time if the held-out score does not drop;
+- `learned_soup`: softmax mixing coefficients (global or one set per parameter leaf)
+  and an output temperature, trained with optax on held-out batches.
+
+Ingredients are a list of identically shaped pytrees or one stacked pytree (member
+axis first). Ingredients with NaN/inf values are skipped with a warning. Every soup
+returns a `SoupResult`: the params, the ingredients used (indices into the input),
+their mixing weights, and the held-out scores that were seen.
+
+Candidate soups are evaluated in batches: `eval_fn` is traced once and vmapped over the
+candidates' mixing weights, so one pass over K candidates is one jitted call instead of
+K. The greedy and pruned loops stay exactly the sequential algorithms: the candidates
+of a batch are only valid until one of them is accepted, and everything after an
+accepted candidate is re-evaluated against the new soup (speculative evaluation;
+`evaluation="loop"` evaluates one candidate at a time and gives the same result).
+On a 2-core CPU batching measured slower than the loop (the forward passes are
+compute bound and speculation re-does work after each acceptance), so the default
+"auto" picks "loop" on CPU and "vmap" on accelerators.
+
+Soups of models with BatchNorm must recompute the batch statistics of the averaged
+weights; do that inside `eval_fn` (and again for the returned soup).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ensembling import tree as tree_lib
+
+PyTree = Any
+EVALUATIONS = ("auto", "vmap", "loop", "python")
+
+
+class SoupResult(NamedTuple):
+  """What a soup procedure returns.
+
+  Attributes:
+    params: the soup (one pytree, same structure as one ingredient).
+    indices: the ingredients in the soup, as indices into the input, in the order
+      they were added (greedy) or kept (others).
+    weights: mixing weights over all input ingredients, shape (K,) (0 for unused
+      ones); for a per-layer learned soup, (L, K) with one row per parameter leaf.
+    score: held-out score of the soup (NaN when no `eval_fn` was given).
+    individual_scores: (K,) held-out score of every ingredient (NaN for skipped
+      ones, or None when not computed).
+    history: every candidate evaluated, as (indices, score, accepted) tuples.
+    info: method-specific extras (temperature, loss curve, ...).
+  """
+  params: PyTree
+  indices: tuple[int, ...]
+  weights: np.ndarray
+  score: float
+  individual_scores: np.ndarray | None
+  history: tuple
+  info: dict
+
+
+# --------------------------------------------------------------------------- input
+
+def prepare_ingredients(ingredients: PyTree | Sequence[PyTree]) -> tuple[PyTree, np.ndarray, int]:
+  """Validates ingredients; returns (finite ingredients stacked, their indices, K).
+
+  Raises ValueError on an empty list, mismatched structures or shapes, non-float
+  leaves, or when no ingredient is finite. Non-finite ingredients are dropped with a
+  warning.
+  """
+  if isinstance(ingredients, (list, tuple)):
+    if len(ingredients) == 0:
+      raise ValueError("Expected at least one soup ingredient, got an empty list.")
+    tree_lib.check_same_structure(list(ingredients), what="ingredients")
+  if not jax.tree.leaves(ingredients):
+    raise ValueError("Soup ingredients have no array leaves.")
+  stacked = tree_lib.as_stacked(ingredients)
+  for name, x in tree_lib.named_leaves(stacked):
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
+      raise ValueError(f"Soup ingredients must be floating point; '{name}' is {x.dtype}.")
+  k = tree_lib.num_members(stacked)
+  finite = tree_lib.finite_members(stacked)
+  valid = np.flatnonzero(finite)
+  if len(valid) == 0:
+    raise ValueError(f"All {k} soup ingredients contain NaN or inf values.")
+  if len(valid) < k:
+    warnings.warn(f"Skipping soup ingredient(s) {np.flatnonzero(~finite).tolist()} of {k}: "
+                  "they contain NaN or inf values.", RuntimeWarning, stacklevel=3)
+    stacked = tree_lib.take(stacked, valid)
+  return stacked, valid, k
+
+
+def _uniform_rows(sets: Sequence[Sequence[int]], n: int) -> np.ndarray:
+  w = np.zeros((len(sets), n), np.float32)
+  for r, s in enumerate(sets):
+    w[r, list(s)] = 1.0 / len(s)
+  return w
+
+
+@functools.lru_cache(maxsize=16)
+def _batched_eval(eval_fn: Callable, batch_size: int | None) -> Callable:
+  """jit(candidate weights -> scores), cached so repeated soups with one `eval_fn`
+  compile once."""
+  def many(s, w_CxK):
+    one = lambda w: jnp.asarray(eval_fn(tree_lib.weighted_sum(s, w)), jnp.float32)
+    if batch_size:
+      return jax.lax.map(one, w_CxK, batch_size=batch_size)
+    return jax.vmap(one)(w_CxK)
+  return jax.jit(many)
+
+
+@functools.lru_cache(maxsize=16)
+def _single_eval(eval_fn: Callable) -> Callable:
+  return jax.jit(lambda s, w: jnp.asarray(eval_fn(tree_lib.weighted_sum(s, w)), jnp.float32))
+
+
+class _Evaluator:
+  """Scores candidate soups given as rows of mixing weights over the ingredients."""
+
+  def __init__(self, stacked: PyTree, eval_fn: Callable, evaluation: str,
+               batch_size: int | None):
+    if evaluation not in EVALUATIONS:
+      raise ValueError(f"Unknown evaluation {evaluation!r}; choose one of {EVALUATIONS}.")
+    self.stacked, self.eval_fn, self.evaluation = stacked, eval_fn, evaluation
+    self.n = tree_lib.num_members(stacked)
+    if evaluation == "auto":  # measured: benchmarks/soup_candidates.py, docs/results_soups.md
+      evaluation = "loop" if jax.default_backend() == "cpu" else "vmap"
+    self.evaluation = evaluation
+    # candidates scored per call: all of a pass when batched; one at a time otherwise
+    # (no speculation, so nothing is evaluated twice)
+    self.window = None if evaluation == "vmap" else 1
+    self.calls = 0
+    if evaluation == "vmap":
+      self._many = _batched_eval(eval_fn, batch_size)
+    elif evaluation == "loop":
+      self._one = _single_eval(eval_fn)
+
+  def __call__(self, w_CxK: np.ndarray, *, pad_to: int | None = None) -> np.ndarray:
+    c = len(w_CxK)
+    if self.evaluation in ("loop", "python"):
+      out = []
+      for w in w_CxK:
+        if self.evaluation == "loop":
+          out.append(float(self._one(self.stacked, jnp.asarray(w))))
+        else:
+          out.append(float(self.eval_fn(tree_lib.weighted_sum(self.stacked, jnp.asarray(w)))))
+        self.calls += 1
+      return np.asarray(out, np.float64)
+    if pad_to and c < pad_to:  # one compiled shape for every pass
+      w_CxK = np.concatenate([w_CxK, np.repeat(w_CxK[:1], pad_to - c, axis=0)])
+    self.calls += 1
+    return np.asarray(self._many(self.stacked, jnp.asarray(w_CxK)), np.float64)[:c]
+
+
+def _resolve_order(order, scores: np.ndarray, n: int, key) -> list[int]:
+  """Local positions 0..n-1 in the order the procedure visits them."""
+  if isinstance(order, str):
+    if order == "sorted":  # decreasing held-out score, ties by index
+      return sorted(range(n), key=lambda i: (-scores[i], i))
+    if order == "ascending":
+      return sorted(range(n), key=lambda i: (scores[i], i))
+    if order == "given":
+      return list(range(n))
+    if order == "random":
+      if key is None:
+        raise ValueError("order='random' needs a `key` (a jax PRNG key or an int seed).")
+      seed = key if isinstance(key, (int, np.integer)) else int(
+          jax.random.randint(key, (), 0, 2**31 - 1))
+      return np.random.default_rng(seed).permutation(n).tolist()
+    raise ValueError(f"Unknown order {order!r}; use 'sorted', 'ascending', 'random', "
+                     "'given' or a sequence of ingredient indices.")
+  raise TypeError("internal: explicit orders are mapped before _resolve_order")
+
+
+def _explicit_order(order, valid: np.ndarray, k: int) -> list[int] | None:
+  """Maps an explicit order (input indices) to local positions; None for named orders."""
+  if isinstance(order, str):
+    return None
+  idx = [int(i) for i in order]
+  if sorted(idx) != sorted(set(idx)) or any(not 0 <= i < k for i in idx):
+    raise ValueError(f"order must list distinct ingredient indices in [0, {k}), got {idx}.")
+  pos = {int(g): p for p, g in enumerate(valid)}
+  return [pos[i] for i in idx if i in pos]  # skipped (non-finite) ingredients drop out
+
+
+def _weights_over_all(local_w: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
+  w = np.zeros(local_w.shape[:-1] + (k,), np.float32)
+  w[..., valid] = local_w
+  return w
+
+
+def _individual_scores(evaluate: _Evaluator, n: int) -> np.ndarray:
+  return evaluate(np.eye(n, dtype=np.float32), pad_to=n)
+
+
+def _full_scores(local: np.ndarray | None, valid, k) -> np.ndarray | None:
+  if local is None:
+    return None
+  s = np.full((k,), np.nan)
+  s[valid] = local
+  return s
+
+
+# --------------------------------------------------------------------------- soups
+
+def uniform_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable | None = None
+                 ) -> SoupResult:
+  """The equal-weight average of all (finite) ingredients.
+
+  Args:
+    ingredients: list of pytrees, or one stacked pytree (member axis first).
+    eval_fn: optional `params -> scalar` held-out score (higher is better) of the soup.
+
+  Returns:
+    A `SoupResult`; `score` is NaN without `eval_fn`.
+  """
+  stacked, valid, k = prepare_ingredients(ingredients)
+  params = tree_lib.mean(stacked)
+  score = float(eval_fn(params)) if eval_fn is not None else float("nan")
+  w = _weights_over_all(np.full((len(valid),), 1.0 / len(valid), np.float32), valid, k)
+  history = ((tuple(valid.tolist()), score, True),) if eval_fn is not None else ()
+  return SoupResult(params, tuple(valid.tolist()), w, score, None, history, {})
+
+
+def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
+                order: str | Sequence[int] = "sorted", key=None,
+                evaluation: str = "auto", batch_size: int | None = None) -> SoupResult:
+  """Greedy soup (Wortsman et al. 2022, Recipe 1).
+
+  Visits the ingredients in `order`; the first is always taken, every next one is
+  added if the uniform average of the soup plus it scores at least as well as the
+  soup so far (ties are accepted, as in Recipe 1's `>=`).
+
+  Args:
+    ingredients: list of pytrees, or one stacked pytree (member axis first).
+    eval_fn: `params -> scalar` held-out score, higher is better. With
+      `evaluation="vmap"` it must be traceable by JAX (it is vmapped over candidates).
+    order: "sorted" (decreasing individual held-out score; the paper's recipe),
+      "ascending", "random" (needs `key`), "given" (input order), or a sequence of
+      ingredient indices (unlisted ingredients are never visited).
+    key: a jax PRNG key or an int seed for order="random".
+    evaluation: how candidates are scored; every mode gives the same soup.
+      "vmap": the candidates of a pass together, `eval_fn` vmapped over them in one
+      jitted call; "loop": one jitted call per candidate; "python": `eval_fn` called
+      as is (need not be traceable); "auto": "loop" on CPU (where batching measured
+      slower, docs/results_soups.md), "vmap" on accelerators.
+    batch_size: with "vmap", evaluate at most this many candidates at once
+      (`jax.lax.map(..., batch_size=)`) to bound memory; None: all at once.
+
+  Returns:
+    A `SoupResult`; `indices` lists the ingredients in the order they were added.
+  """
+  stacked, valid, k = prepare_ingredients(ingredients)
+  n = len(valid)
+  evaluate = _Evaluator(stacked, eval_fn, evaluation, batch_size)
+  ind = _individual_scores(evaluate, n)
+  seq = _explicit_order(order, valid, k)
+  if seq is None:
+    seq = _resolve_order(order, ind, n, key)
+  if not seq:
+    raise ValueError("order visits no (finite) ingredient.")
+  chosen = [seq[0]]
+  best = ind[seq[0]]
+  history = [((int(valid[seq[0]]),), float(best), True)]
+  pos = 1
+  while pos < len(seq):
+    block = seq[pos:][:evaluate.window]
+    scores = evaluate(_uniform_rows([chosen + [j] for j in block], n), pad_to=n)
+    for j, s in zip(block, scores):
+      pos += 1
+      accepted = bool(s >= best)
+      history.append((tuple(int(valid[i]) for i in chosen + [j]), float(s), accepted))
+      if accepted:  # later candidates of this batch assumed the old soup: redo them
+        chosen.append(j)
+        best = s
+        break
+  w = _weights_over_all(_uniform_rows([chosen], n)[0], valid, k)
+  params = tree_lib.weighted_sum(stacked, jnp.asarray(_uniform_rows([chosen], n)[0]))
+  return SoupResult(params, tuple(int(valid[i]) for i in chosen), w, float(best),
+                    _full_scores(ind, valid, k), tuple(history),
+                    {"order": [int(valid[i]) for i in seq], "eval_calls": evaluate.calls})
+
+
+def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
+                passes: int = 1, order: str | Sequence[int] = "sorted", key=None,
+                evaluation: str = "auto", batch_size: int | None = None) -> SoupResult:
+  """Pruned soup (seed 002): remove ingredients from the uniform soup while it helps.
+
+  Starts from the uniform soup of all ingredients with its held-out score as the
+  baseline. Each pass visits the ingredients still in the soup in `order` and removes
+  one if the uniform average of the rest scores at least the baseline (which then
+  becomes that score). The last ingredient is never removed. Stops early once a pass
+  removes nothing (further passes would repeat it exactly).
+
+  Args:
+    ingredients: list of pytrees, or one stacked pytree (member axis first).
+    eval_fn: `params -> scalar` held-out score, higher is better (traceable for "vmap").
+    passes: the maximum number of passes N (>= 1).
+    order: visiting order within a pass: "sorted" (decreasing individual score, as in
+      the seed), "ascending" (worst first), "random" (needs `key`), "given", or a
+      sequence of ingredient indices (unlisted ones are never removed).
+    key: a jax PRNG key or an int seed for order="random".
+    evaluation: "auto" | "vmap" | "loop" | "python", as for `greedy_soup`.
+    batch_size: with "vmap", the most candidates evaluated at once (None: all).
+
+  Returns:
+    A `SoupResult`; `indices` lists the kept ingredients in increasing order.
+  """
+  if passes < 1:
+    raise ValueError(f"passes must be >= 1, got {passes}.")
+  stacked, valid, k = prepare_ingredients(ingredients)
+  n = len(valid)
+  evaluate = _Evaluator(stacked, eval_fn, evaluation, batch_size)
+  seq = _explicit_order(order, valid, k)
+  needs_scores = seq is None and order in ("sorted", "ascending")
+  ind = _individual_scores(evaluate, n) if needs_scores else None
+  if seq is None:
+    seq = _resolve_order(order, ind, n, key)
+  chosen = list(range(n))
+  base = float(evaluate(_uniform_rows([chosen], n), pad_to=n)[0])
+  history = [(tuple(valid.tolist()), base, True)]
+  done_passes = 0
+  for _ in range(passes):
+    done_passes += 1
+    removed_any = False
+    queue = [i for i in seq if i in chosen]
+    while queue and len(chosen) > 1:
+      block = queue[:evaluate.window]
+      cands = [[c for c in chosen if c != i] for i in block]
+      scores = evaluate(_uniform_rows(cands, n), pad_to=n)
+      for i, rest, s in zip(block, cands, scores):
+        queue.pop(0)
+        accepted = bool(s >= base)
+        history.append((tuple(int(valid[c]) for c in rest), float(s), accepted))
+        if accepted:  # the rest of this batch assumed the old soup: redo them
+          chosen.remove(i)
+          base = float(s)
+          removed_any = True
+          break
+    if not removed_any:
+      break
+  row = _uniform_rows([chosen], n)[0]
+  params = tree_lib.weighted_sum(stacked, jnp.asarray(row))
+  return SoupResult(params, tuple(int(valid[i]) for i in chosen),
+                    _weights_over_all(row, valid, k), base, _full_scores(ind, valid, k),
+                    tuple(history),
+                    {"order": [int(valid[i]) for i in seq], "passes_run": done_passes,
+                     "eval_calls": evaluate.calls})
+
+
+def mix(stacked: PyTree, logits, *, per_layer: bool = False) -> PyTree:
+  """sum_k softmax(logits)_k * ingredient_k; logits (K,) or, per layer, (L, K).
+
+  "Per layer" means one set of coefficients per parameter leaf, in
+  `jax.tree.leaves` order.
+  """
+  if not per_layer:
+    return tree_lib.weighted_sum(stacked, jax.nn.softmax(logits))
+  leaves, treedef = jax.tree.flatten(stacked)
+  w = jax.nn.softmax(logits, axis=-1)
+  if w.shape[0] != len(leaves):
+    raise ValueError(f"per-layer logits have {w.shape[0]} rows for {len(leaves)} leaves.")
+  out = [jnp.tensordot(w[i].astype(x.dtype), x, axes=1) for i, x in enumerate(leaves)]
+  return jax.tree.unflatten(treedef, out)
+
+
+def learned_soup(ingredients: PyTree | Sequence[PyTree], loss_fn: Callable,
+                 batches: Sequence[PyTree] | Callable[[int], PyTree], *,
+                 steps: int = 100, learning_rate: float = 0.05, per_layer: bool = False,
+                 learn_temperature: bool = True,
+                 optimizer: optax.GradientTransformation | None = None,
+                 eval_fn: Callable | None = None) -> SoupResult:
+  """Learned soup: mixing coefficients and a temperature trained on held-out data.
+
+  Minimises `sum_j L(beta * f(x_j, sum_i alpha_i theta_i), y_j)` over
+  `alpha = softmax(a)` (one `a` per ingredient, or per ingredient and parameter leaf
+  with `per_layer`) and `beta = exp(b)`, starting from the uniform soup and beta = 1.
+
+  Args:
+    ingredients: list of pytrees, or one stacked pytree (member axis first).
+    loss_fn: `(params, batch, temperature) -> scalar` held-out loss of a soup, where
+      the model's logits are multiplied by `temperature` (beta); traceable by JAX.
+    batches: a sequence of held-out batches (cycled) or `step -> batch`.
+    steps: optimisation steps.
+    learning_rate: for the default optimizer, `optax.adam(learning_rate)`.
+    per_layer: one set of mixing coefficients per parameter leaf.
+    learn_temperature: train beta too (else beta stays 1).
+    optimizer: any optax transformation, overriding the default.
+    eval_fn: optional `params -> scalar` score of the final soup.
+
+  Returns:
+    A `SoupResult` with `weights` (K,) or (L, K); `info` holds `temperature`,
+    `losses` (per step) and `effective_ingredients` (1 / sum w^2, averaged over rows).
+  """
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1, got {steps}.")
+  stacked, valid, k = prepare_ingredients(ingredients)
+  n = len(valid)
+  num_leaves = len(jax.tree.leaves(stacked))
+  coef = {"a": jnp.zeros((num_leaves, n) if per_layer else (n,), jnp.float32),
+          "b": jnp.zeros((), jnp.float32)}
+  tx = optimizer or optax.adam(learning_rate)
+  if not learn_temperature:
+    tx = optax.chain(optax.masked(optax.set_to_zero(), {"a": False, "b": True}), tx)
+  opt_state = tx.init(coef)
+  get = batches if callable(batches) else (lambda t: batches[t % len(batches)])
+  if not callable(batches) and len(batches) == 0:
+    raise ValueError("learned_soup needs at least one held-out batch.")
+
+  def objective(c, batch):
+    return loss_fn(mix(stacked, c["a"], per_layer=per_layer), batch, jnp.exp(c["b"]))
+
+  @jax.jit
+  def step(c, s, batch):
+    loss, g = jax.value_and_grad(objective)(c, batch)
+    u, s = tx.update(g, s, c)
+    return optax.apply_updates(c, u), s, loss
+
+  losses = []
+  for t in range(steps):
+    coef, opt_state, loss = step(coef, opt_state, get(t))
+    losses.append(float(loss))
+  if not np.isfinite(losses[-1]):
+    raise FloatingPointError(f"learned_soup loss became {losses[-1]}; lower learning_rate.")
+  params = mix(stacked, coef["a"], per_layer=per_layer)
+  w_local = np.asarray(jax.nn.softmax(coef["a"], axis=-1))
+  w = _weights_over_all(w_local, valid, k)
+  eff = float(np.mean(1.0 / np.sum(np.atleast_2d(w_local) ** 2, axis=-1)))
+  score = float(eval_fn(params)) if eval_fn is not None else float("nan")
+  return SoupResult(params, tuple(valid.tolist()), w, score, None,
+                    ((tuple(valid.tolist()), score, True),) if eval_fn else (),
+                    {"temperature": float(jnp.exp(coef["b"])), "losses": losses,
+                     "effective_ingredients": eff})

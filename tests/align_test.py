@@ -1,0 +1,118 @@
+"""Permutation alignment: invariance of outputs, recovery of known permutations, barriers."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ensembling import align, models
+from ensembling import tree as tree_lib
+
+
+def _mlp():
+  model = models.MLP(widths=(16, 12, 8), num_classes=5)
+  x = jax.random.normal(jax.random.key(1), (7, 4, 5))
+  return model, jax.jit(model.init)(jax.random.key(0), x), x
+
+
+def _cnn():
+  model = models.CNN(num_classes=4, stages=(4, 6), dropouts=(0.0, 0.0))
+  x = jax.random.normal(jax.random.key(1), (3, 12, 12, 1))
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  # random running statistics, so that forgetting to permute them would show
+  rng = np.random.default_rng(0)
+  variables["batch_stats"] = jax.tree.map(
+      lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype), variables["batch_stats"])
+  variables["params"] = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.3 * jnp.asarray(rng.normal(size=v.shape), v.dtype)
+      if "bn" in tree_lib.path_str(p) else v, variables["params"])
+  return model, variables, x
+
+
+def test_mlp_spec_from_structure():
+  _, v, _ = _mlp()
+  spec = align.mlp_permutation_spec(v)
+  assert sorted(spec.perm_to_axes) == ["P_Dense_0", "P_Dense_1", "P_Dense_2"]
+  assert spec.axes_to_perm["params/Dense_0/kernel"] == (None, "P_Dense_0")
+  assert spec.axes_to_perm["params/Dense_1/kernel"] == ("P_Dense_0", "P_Dense_1")
+  assert spec.axes_to_perm["params/head/kernel"] == ("P_Dense_2", None)
+  assert spec.axes_to_perm["params/head/bias"] == (None,)
+  assert align.perm_sizes(spec, v) == {"P_Dense_0": 16, "P_Dense_1": 12, "P_Dense_2": 8}
+  with pytest.raises(ValueError, match="Not an MLP"):
+    align.mlp_permutation_spec({"params": {"conv0_0": {"kernel": jnp.ones((3, 3, 1, 2))}}})
+
+
+@pytest.mark.parametrize("make,spec_fn", [(_mlp, align.mlp_permutation_spec),
+                                          (_cnn, align.cnn_permutation_spec)])
+def test_permuted_network_computes_the_same_function(make, spec_fn):
+  model, v, x = make()
+  spec = spec_fn(v)
+  perm = align.random_permutation(3, spec, v)
+  assert any((p != np.arange(len(p))).any() for p in perm.values())
+  pv = align.apply_permutation(spec, perm, v)
+  # the weights really moved ...
+  assert not np.allclose(pv["params"]["head"]["kernel"], v["params"]["head"]["kernel"])
+  # ... but the function did not
+  apply = jax.jit(model.apply)
+  out, pout = apply(v, x), apply(pv, x)
+  np.testing.assert_allclose(pout.logits, out.logits, rtol=1e-5, atol=1e-5)
+  if "batch_stats" in v:  # train mode: batch statistics and their running averages
+    train_apply = jax.jit(lambda t: model.apply(t, x, train=True, mutable=["batch_stats"]))
+    (o1, s1), (o2, s2) = train_apply(v), train_apply(pv)
+    np.testing.assert_allclose(o2.logits, o1.logits, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(align.apply_permutation(spec, perm, s1), s2,
+                                rtol=1e-5, atol=1e-6)
+    assert "batch_stats/bn1_1/mean" in spec.axes_to_perm
+    # the CNN's head follows a flatten of (3, 3, 6): viewed as (9, 6, classes)
+    assert spec.views["params/head/kernel"] == (9, 6, 4)
+
+
+@pytest.mark.parametrize("make,spec_fn", [(_mlp, align.mlp_permutation_spec),
+                                          (_cnn, align.cnn_permutation_spec)])
+def test_weight_matching_recovers_a_known_permutation(make, spec_fn):
+  _, v, _ = make()
+  spec = spec_fn(v)
+  true = align.random_permutation(7, spec, v)
+  shuffled = align.apply_permutation(spec, true, v)
+  perm = align.weight_matching(jax.random.key(0), spec, v, shuffled, max_iter=20)
+  chex.assert_trees_all_close(align.apply_permutation(spec, perm, shuffled), v)
+  # perm undoes `true`: new unit i is shuffled unit perm[i] = original unit true[perm[i]]
+  for p in true:
+    np.testing.assert_array_equal(true[p][perm[p]], np.arange(len(perm[p])))
+
+
+def test_weight_matching_increases_similarity_of_unrelated_networks():
+  model = models.MLP(widths=(32, 32), num_classes=3)
+  x = jnp.ones((1, 6))
+  a, b = (model.init(jax.random.key(s), x) for s in (0, 1))
+  spec = align.mlp_permutation_spec(a)
+  perm = align.weight_matching(0, spec, a, b, max_iter=50)
+  pb = align.apply_permutation(spec, perm, b)
+  inner = lambda t: sum(float(jnp.vdot(u, w)) for u, w in
+                        zip(jax.tree.leaves(a), jax.tree.leaves(t)))
+  assert inner(pb) > inner(b)
+  np.testing.assert_allclose(model.apply(pb, x[:1] * 0.3).logits,
+                             model.apply(b, x[:1] * 0.3).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_interpolation_and_barrier():
+  model, v, x = _mlp()
+  spec = align.mlp_permutation_spec(v)
+  pv = align.apply_permutation(spec, align.random_permutation(1, spec, v), v)
+  apply = jax.jit(model.apply)
+  ref = apply(v, x).logits
+  ev = lambda t: {"dist": float(jnp.mean((apply(t, x).logits - ref) ** 2))}
+  alphas = np.linspace(0, 1, 5)
+  naive = align.interpolation_curve(ev, v, pv, alphas)["dist"]
+  assert naive[0] == pytest.approx(0, abs=1e-10) and naive[-1] == pytest.approx(0, abs=1e-9)
+  assert align.barrier(naive, alphas) > 1e-3
+  fixed = align.apply_permutation(spec, align.weight_matching(0, spec, v, pv), pv)
+  aligned = align.interpolation_curve(ev, v, fixed, alphas)["dist"]
+  assert align.barrier(aligned, alphas) == pytest.approx(0, abs=1e-9)
+  # barrier against a hand computation
+  vals, al = [1.0, 3.0, 2.0], [0.0, 0.5, 1.0]
+  assert align.barrier(vals, al) == pytest.approx(1.5)
+  assert align.barrier([0.9, 0.5, 0.7], al, higher_is_better=True) == pytest.approx(0.3)
+  with pytest.raises(ValueError):
+    align.barrier([1, 2], [0.2, 1.0])
