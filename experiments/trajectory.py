@@ -310,10 +310,16 @@ def _plot(path, results, config):
       steps = np.arange(len(lrs))
     else:
       lrs = np.asarray(jax.vmap(p["schedule"])(jnp.asarray(steps)))
-    line, = ax0.plot(steps / spe, lrs, label=method, lw=1)
+    line, = ax0.plot(steps / spe, lrs, label=method, lw=1,
+                     ls="--" if method == "starsse" else "-")
     snap = np.asarray(res["snapshot_steps"])
+    if method == "starsse":
+      snap = snap[:1]  # one cycle-1 end point; the star cycles end in parallel at 2 cycles
     if len(snap):
       ax0.plot(snap / spe, np.interp(snap - 1, steps, lrs), "o", color=line.get_color(), ms=4)
+    avg = np.asarray(p["average_steps"])
+    if len(avg):
+      ax0.plot(avg / spe, np.interp(avg - 1, steps, lrs), "x", color=line.get_color(), ms=4)
     for hist, offset in res["history"]:
       recs = [r for r in hist if "val_accuracy" in r]
       xs = sorted({r["step"] for r in recs})
@@ -323,6 +329,7 @@ def _plot(path, results, config):
     for s in snap:
       ax1.axvline(s / spe, color=line.get_color(), alpha=0.25, lw=0.8)
   ax0.set_ylabel("learning rate")
+  ax0.set_title("o: snapshots, x: SWA averaging points", fontsize=8)
   ax0.legend(fontsize=7)
   ax0.grid(alpha=0.3)
   ax1.set_ylabel("test accuracy (mean over seeds)")
