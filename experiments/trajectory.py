@@ -253,7 +253,7 @@ def run_method(method: str, config, splits, workdir: str) -> dict[str, Any]:
     else:  # a uniform soup of the StarSSE snapshots
       avg = jax.tree.map(lambda a: a.mean(1), snaps)
     has_bn = bool(jax.tree.leaves(avg.get("batch_stats", {})))
-    name = "SWA" if method == "swa" else "uniform soup of the snapshots"
+    name = "SWA" if method == "swa" else "uniform soup"
     if has_bn:
       n = int(config.recalibration_examples) or len(splits.x_train)
       bs = config.batch_size
@@ -263,7 +263,8 @@ def run_method(method: str, config, splits, workdir: str) -> dict[str, Any]:
           stacked=True, key=jax.random.key(int(config.seed)))
       rows[f"{name} (BN recalibrated)"] = _single(_logits(model, recal, splits.x_test, config,
                                                           strategy), y)
-      rows[f"{name}, no recalibration: last iterate's BN stats"] = _single(_logits(
+      stale = "last iterate's" if method == "swa" else "cycle-1 end point's"
+      rows[f"{name}, no recalibration: {stale} BN stats"] = _single(_logits(
           model, {"params": avg["params"], "batch_stats": state["batch_stats"]}, splits.x_test,
           config, strategy), y)
       rows[f"{name}, no recalibration: averaged BN stats"] = _single(_logits(
