@@ -9,7 +9,6 @@ all build on `make_config` below.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -17,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ensembling import averaging, configlib, data, ensemble, members, metrics, models, optim
 from ensembling import report, schedules, train
