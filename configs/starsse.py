@@ -12,7 +12,10 @@ runs/trajectory/<method>/, so configs sharing a workdir reuse finished methods):
 
 Thesis CNN instead of the MLP: `configs/starsse.py:arch=cnn` (slow on CPU; add
 `limit_train=N` for a subset). Seconds-long smoke run: `configs/starsse.py:runlocal`.
-Measured numbers: docs/results_trajectory.md.
+Measured (test, 3 seeds; 8 / 16 epochs): SGD end point 0.8966 / 0.9008 accuracy;
+StarSSE ensemble of 4 0.8872 / 0.8956 (NLL 0.3120 / 0.2888), uniform soup with BN
+recalibration 0.8861 / 0.8945, without it (cycle-1 BN stats) 0.8734 / 0.8252.
+All numbers and the 16-epoch command (`:methods=all,epochs=16`): docs/results_trajectory.md.
 """
 
 from experiments import trajectory
