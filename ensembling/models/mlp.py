@@ -15,16 +15,22 @@ class MLP(nn.Module):
     widths: hidden layer sizes, e.g. (512, 512).
     num_classes: output size.
     dropout: dropout rate after each hidden layer (0 disables it).
+    batch_norm: BatchNorm (`bn_{i}`) between each hidden Dense and its ReLU (off by
+      default; parameter names of the plain MLP are unchanged).
   """
   widths: Sequence[int] = (512, 512)
   num_classes: int = 10
   dropout: float = 0.0
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Output:
     x = x.reshape((x.shape[0], -1))
     for i, w in enumerate(self.widths):
-      x = nn.relu(nn.Dense(w, name=f"Dense_{i}")(x))
+      x = nn.Dense(w, name=f"Dense_{i}")(x)
+      if self.batch_norm:
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn_{i}")(x)
+      x = nn.relu(x)
       if self.dropout > 0:
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,25 @@
+"""Fast Geometric Ensembling (Garipov et al., 2018): pre-train, then short linear cycles lr_1 -> lr_2 -> lr_1, snapshots at lr_2.
+
+Compared with the SGD end point at the same budget (8 epochs), 3 seeds trained at once
+(mean ± std), Fashion-MNIST, MLP 784-256(BN)-256(BN)-10:
+
+    python -m experiments.main --config=configs/fge.py --workdir=runs/trajectory
+
+All five methods in one table (each method resumes from its own checkpoints in
+runs/trajectory/<method>/, so configs sharing a workdir reuse finished methods):
+
+    python -m experiments.main --config=configs/fge.py:methods=all --workdir=runs/trajectory
+
+Thesis CNN instead of the MLP: `configs/fge.py:arch=cnn` (slow on CPU; add
+`limit_train=N` for a subset). Seconds-long smoke run: `configs/fge.py:runlocal`.
+Measured (test, 3 seeds; 8 / 16 epochs): SGD end point 0.8966 / 0.9008 accuracy,
+NLL 0.2935 / 0.3035; FGE ensemble of 4 / 8 snapshots 0.8937 / 0.9018, NLL 0.2956 / 0.2845;
+snapshot disagreement 0.031 / 0.035 vs 0.039 / 0.047 between independent seeds.
+All numbers and the 16-epoch command (`:methods=all,epochs=16`): docs/results_trajectory.md.
+"""
+
+from experiments import trajectory
+
+
+def get_config(arg=None):
+  return trajectory.make_config("fge", arg)

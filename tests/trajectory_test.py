@@ -1,0 +1,352 @@
+"""Trajectory ensembles: schedules, SWA, snapshot collection, BN recalibration, StarSSE.
+
+References are explicit: PyTorch's schedulers / AveragedModel / update_bn re-implemented
+step by step in NumPy (torch is not installed), the FGE code's formula, plain means.
+"""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ensembling import averaging, members, models, optim, schedules, train
+from ensembling import tree as tree_lib
+
+
+# --------------------------------------------------------------------------- references
+
+def torch_cosine_warm_restarts(base_lr, t_0, num_steps, eta_min=0.0):
+  """CosineAnnealingWarmRestarts(T_0=t_0, T_mult=1), scheduler.step() once per update."""
+  t_cur, t_i = 0, t_0  # the constructor's initial step sets T_cur = 0
+  lrs = []
+  for _ in range(num_steps):
+    lrs.append(eta_min + (base_lr - eta_min) * (1 + math.cos(math.pi * t_cur / t_i)) / 2)
+    t_cur += 1  # scheduler.step()
+    if t_cur >= t_i:
+      t_cur -= t_i
+  return np.array(lrs)
+
+
+def torch_swalr(base_lr, swa_lr, anneal_epochs, num_steps, strategy="cos"):
+  """SWALR.get_lr's recurrence, starting from an optimizer whose lr is base_lr."""
+  f = (lambda t: (1 - math.cos(math.pi * t)) / 2) if strategy == "cos" else (lambda t: t)
+  lr = base_lr
+  lrs = []
+  for step_count in range(1, num_steps + 1):  # _step_count after each scheduler step
+    step = step_count - 1
+    if anneal_epochs == 0:
+      step = max(1, step)
+    prev_t = max(0, min(1, (step - 1) / max(1, anneal_epochs)))
+    prev_alpha = f(prev_t)
+    prev_lr = swa_lr if prev_alpha == 1 else (lr - prev_alpha * swa_lr) / (1 - prev_alpha)
+    t = max(0, min(1, step / max(1, anneal_epochs)))
+    alpha = f(t)
+    lr = swa_lr * alpha + prev_lr * (1 - alpha)
+    lrs.append(lr)
+  return np.array(lrs)
+
+
+def garipov_fge_lr(step, steps_per_epoch, cycle_epochs, lr_1, lr_2):
+  """fge.py's `cyclic_learning_rate(epoch, cycle, alpha_1, alpha_2)(iter)`."""
+  epoch, it = divmod(step, steps_per_epoch)
+  t = ((epoch % cycle_epochs) + it / steps_per_epoch) / cycle_epochs
+  if t < 0.5:
+    return lr_1 * (1.0 - 2.0 * t) + lr_2 * 2.0 * t
+  return lr_1 * (2.0 * t - 1.0) + lr_2 * (2.0 - 2.0 * t)
+
+
+# --------------------------------------------------------------------------- schedules
+
+@pytest.mark.parametrize("total,cycles", [(100, 3), (10, 5), (37, 4), (8, 1)])
+def test_cosine_restarts_matches_torch_warm_restarts(total, cycles):
+  sched = schedules.cosine_restarts(0.2, total, cycles)
+  t_0 = math.ceil(total / cycles)
+  ref = torch_cosine_warm_restarts(0.2, t_0, total)
+  got = np.asarray(jax.vmap(sched)(jnp.arange(total)))
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+  # Snapshots at cycle ends: the next update restarts at the base rate.
+  steps = schedules.cosine_restarts_steps(total, cycles)
+  assert len(steps) == cycles and steps[-1] == total
+  np.testing.assert_allclose(ref[steps[:-1]], 0.2, rtol=1e-6)
+  assert np.all(np.diff(steps) <= t_0)
+
+
+def test_cosine_restarts_rejects_bad_input():
+  with pytest.raises(ValueError, match="num_cycles"):
+    schedules.cosine_restarts(0.1, 5, 6)
+  with pytest.raises(ValueError, match="total_steps"):
+    schedules.cosine_restarts(0.1, 0, 1)
+  with pytest.raises(ValueError, match="do not fit"):
+    schedules.cosine_restarts_steps(10, 6)  # ceil(10/6)=2: cycles 5 and 6 both end at 10
+
+
+@pytest.mark.parametrize("spe,cycle_epochs", [(5, 4), (3, 2), (7, 3)])
+def test_fge_cyclic_matches_reference_code(spe, cycle_epochs):
+  c = spe * cycle_epochs
+  sched = schedules.fge_cyclic(0.05, 0.0005, c)
+  n = 3 * c + 2
+  got = np.asarray(jax.vmap(sched)(jnp.arange(n)))
+  ref = np.array([garipov_fge_lr(s, spe, cycle_epochs, 0.05, 0.0005) for s in range(n)])
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-8)
+
+
+def test_fge_snapshots_at_the_lr2_point():
+  c = 10
+  sched = schedules.fge_cyclic(0.1, 0.01, c)
+  lrs = np.asarray(jax.vmap(sched)(jnp.arange(35)))
+  steps = schedules.fge_steps(c, 35)
+  np.testing.assert_array_equal(steps, [6, 16, 26])  # 35 < 36: the 4th midpoint is not reached
+  # The update that produced each snapshot (index n - 1) used the cycle's lowest rate, lr_2.
+  np.testing.assert_allclose(lrs[steps - 1], 0.01, rtol=1e-5)
+  for k in range(3):
+    assert lrs[k * c: (k + 1) * c].argmin() == c // 2
+  assert lrs[0] == pytest.approx(0.1) and lrs[c] == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("anneal", ["cos", "linear"])
+@pytest.mark.parametrize("anneal_steps", [0, 1, 7])
+def test_swa_schedule_matches_torch_swalr(anneal, anneal_steps):
+  sched = schedules.swa_schedule(0.1, 0.02, anneal_steps=anneal_steps, anneal=anneal)
+  got = np.asarray(jax.vmap(sched)(jnp.arange(15)))
+  ref = torch_swalr(0.1, 0.02, anneal_steps, 15, anneal)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got[anneal_steps:], 0.02, rtol=1e-6)
+
+
+def test_after_pretraining_joins_schedules():
+  inner = schedules.cosine_restarts(0.1, 20, 2)
+  pre = optax.linear_schedule(0.5, 0.1, 12)
+  sched = schedules.after_pretraining(inner, pretrain_steps=12, pretrain_schedule=pre)
+  got = np.asarray(jax.vmap(sched)(jnp.arange(32)))
+  ref = np.array([float(pre(s)) if s < 12 else float(inner(s - 12)) for s in range(32)])
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  const = schedules.after_pretraining(inner, pretrain_steps=3, pretrain_schedule=0.3)
+  assert float(const(2)) == pytest.approx(0.3) and float(const(3)) == pytest.approx(0.1)
+  np.testing.assert_array_equal(
+      schedules.offset_steps(schedules.cosine_restarts_steps(20, 2), 12), [22, 32])
+  np.testing.assert_array_equal(schedules.swa_steps(10, 20, every=5), [15, 20])
+  with pytest.raises(ValueError, match="start"):
+    schedules.swa_steps(20, 20, every=5)
+
+
+# --------------------------------------------------------------------------- SWA
+
+def _random_tree(key):
+  k1, k2 = jax.random.split(key)
+  return {"dense": {"kernel": jax.random.normal(k1, (3, 4)), "bias": jax.random.normal(k2, (4,))}}
+
+
+def torch_averaged_model(params_list):
+  """AveragedModel.update_parameters with the default avg_fn, leaf by leaf."""
+  avg, n = None, 0
+  for p in params_list:
+    p = jax.tree.map(np.asarray, p)
+    if n == 0:
+      avg = jax.tree.map(np.copy, p)
+    else:
+      avg = jax.tree.map(lambda a, q: a + (q - a) / (n + 1), avg, p)
+    n += 1
+  return avg
+
+
+def test_swa_update_is_the_mean_of_all_collected():
+  trees = [_random_tree(jax.random.key(i)) for i in range(6)]
+  avg = jax.tree.map(lambda x: jnp.full_like(x, 123.0), trees[0])  # garbage: count 0 ignores it
+  for n, t in enumerate(trees):
+    avg = averaging.swa_update(avg, t, count=n)
+  chex.assert_trees_all_close(avg, jax.tree.map(lambda *xs: np.mean(xs, 0), *trees), rtol=1e-5)
+  chex.assert_trees_all_close(avg, torch_averaged_model(trees), rtol=1e-6, atol=1e-7)
+  first = averaging.swa_update(trees[3], trees[0], count=0)
+  chex.assert_trees_all_equal(first, trees[0])
+
+
+def test_swa_update_vmapped_per_member_counts():
+  a = tree_lib.stack([_random_tree(jax.random.key(i)) for i in range(3)])
+  p = tree_lib.stack([_random_tree(jax.random.key(10 + i)) for i in range(3)])
+  counts = jnp.array([0, 1, 4])
+  got = jax.vmap(lambda x, y, c: averaging.swa_update(x, y, count=c))(a, p, counts)
+  for k in range(3):
+    ref = averaging.swa_update(tree_lib.index(a, k), tree_lib.index(p, k), count=int(counts[k]))
+    chex.assert_trees_all_close(tree_lib.index(got, k), ref, rtol=1e-6)
+  with pytest.raises(ValueError):
+    averaging.swa_update({"a": jnp.ones(2)}, {"b": jnp.ones(2)}, count=1)
+
+
+# --------------------------------------------------------------------------- collection in fit
+
+def _tiny_setup(digits, k=2, batch_norm=True):
+  model = models.MLP(widths=(16,), num_classes=10, batch_norm=batch_norm)
+  tx = optim.make_optimizer(learning_rate=schedules.cosine_restarts(0.05, 12, 3))
+  v = members.init_members(jax.random.key(0), model, digits.x_train[:1], k)
+  state = members.init_states(v, tx)
+  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy="vmap")
+  batch_fn, _ = train.make_batch_fn(digits.x_train[:256], digits.y_train[:256], seed=0,
+                                    batch_size=32, num_members=k)
+  return model, tx, state, step_fn, batch_fn
+
+
+def test_collector_snapshots_and_average_match_an_explicit_loop(digits, tmp_path):
+  model, tx, state0, step_fn, batch_fn = _tiny_setup(digits)
+  snap_steps = schedules.cosine_restarts_steps(12, 3)  # 4, 8, 12
+  avg_steps = [6, 9, 12]
+  col = averaging.trajectory_collector(snapshot_steps=snap_steps, average_steps=avg_steps)
+  key = jax.random.key(1)
+  state, extra, _ = train.fit(jax.tree.map(jnp.copy, state0), step_fn=step_fn,
+                              batch_fn=batch_fn, num_steps=12, key=key,
+                              on_step=col.on_step, extra=col.init(state0), progress=False)
+  # Explicit loop: the same steps, keeping every state.
+  keys = members.member_keys(key, 2)
+  s = jax.tree.map(jnp.copy, state0)
+  seen = {}
+  for t in range(12):
+    s, _ = step_fn(s, batch_fn(t), members.step_keys(keys, t))
+    seen[t + 1] = jax.tree.map(np.asarray, {"params": s["params"], "batch_stats": s["batch_stats"]})
+  ref_snaps = jax.tree.map(lambda *xs: np.stack(xs, axis=1), *[seen[n] for n in snap_steps])
+  chex.assert_trees_all_close(extra["snapshots"], ref_snaps, rtol=1e-5, atol=1e-6)
+  ref_avg = jax.tree.map(lambda *xs: np.mean(xs, 0), *[seen[n] for n in avg_steps])
+  chex.assert_trees_all_close(extra["average"], ref_avg, rtol=1e-5, atol=1e-6)
+  assert int(extra["num_snapshots"]) == 3 and int(extra["num_averaged"]) == 3
+  # Snapshot buffer is preallocated: (K, M, ...) from the start.
+  init = col.init(state0)
+  assert jax.tree.map(jnp.shape, init["snapshots"]) == jax.tree.map(jnp.shape, extra["snapshots"])
+
+  # Interrupted at step 7 (after one snapshot and one average) and resumed == uninterrupted.
+  wd = str(tmp_path / "run")
+  train.fit(jax.tree.map(jnp.copy, state0), step_fn=step_fn, batch_fn=batch_fn, num_steps=7,
+            key=key, workdir=wd, on_step=col.on_step, extra=col.init(state0), progress=False)
+  _, extra_r, _ = train.fit(jax.tree.map(jnp.copy, state0), step_fn=step_fn, batch_fn=batch_fn,
+                            num_steps=12, key=key, workdir=wd, on_step=col.on_step,
+                            extra=col.init(state0), progress=False)
+  chex.assert_trees_all_close(extra_r, extra, rtol=1e-6, atol=1e-7)
+
+
+def test_collector_rejects_bad_steps():
+  with pytest.raises(ValueError, match="repeat"):
+    averaging.trajectory_collector(snapshot_steps=[3, 3])
+  with pytest.raises(ValueError, match=">= 1"):
+    averaging.trajectory_collector(average_steps=[0, 2])
+
+
+# --------------------------------------------------------------------------- BN recalibration
+
+def _np_bn_mlp_stats(params, batches, eps=1e-5, unbiased=False):
+  """PyTorch update_bn on the BN-MLP, by hand: cumulative mean of per-batch stats."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  sums = None
+  for n, x in enumerate(batches, start=1):
+    h = np.asarray(x, np.float64).reshape(len(x), -1)
+    stats = {}
+    for i in range(2):
+      z = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
+      mu, var = z.mean(0), z.var(0)  # train mode normalises with the biased variance
+      stats[f"bn_{i}"] = {"mean": mu, "var": var * (len(z) / (len(z) - 1) if unbiased else 1.0)}
+      z = (z - mu) / np.sqrt(var + eps) * p[f"bn_{i}"]["scale"] + p[f"bn_{i}"]["bias"]
+      h = np.maximum(z, 0)
+    sums = stats if sums is None else jax.tree.map(lambda r, s: r + (s - r) / n, sums, stats)
+  return sums
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_recompute_batch_stats_matches_update_bn(unbiased):
+  model = models.MLP(widths=(12, 8), num_classes=3, batch_norm=True)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(70, 5)).astype(np.float32) * 2 + 1
+  v = model.init(jax.random.key(0), x[:1], train=False)
+  # Perturb scale/bias so the second layer's input depends on the first BN's affine.
+  v = {"params": jax.tree.map(lambda a: a + 0.3 * jnp.asarray(rng.normal(size=a.shape), a.dtype),
+                              v["params"]),
+       "batch_stats": v["batch_stats"]}
+  batches = [x[:32], x[32:64], x[64:]]  # the last, smaller batch counts as one, as in torch
+  ref = _np_bn_mlp_stats(v["params"], batches, unbiased=unbiased)
+  zeroed = {**v, "batch_stats": jax.tree.map(jnp.zeros_like, v["batch_stats"])}
+  stale = {**v, "batch_stats": jax.tree.map(lambda a: a + 5.0, v["batch_stats"])}
+  got = averaging.recompute_batch_stats(model.apply, zeroed, batches, unbiased_var=unbiased)
+  chex.assert_trees_all_close(got["batch_stats"], ref, rtol=2e-5, atol=1e-6)
+  got2 = averaging.recompute_batch_stats(model.apply, stale, batches, unbiased_var=unbiased)
+  chex.assert_trees_all_close(got2["batch_stats"], got["batch_stats"], rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_equal(got["params"], v["params"])
+
+
+def test_recompute_batch_stats_conv_momentum_099_and_stacked():
+  class ConvBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train=False):
+      x = nn.Conv(4, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.99)(x)
+      return nn.Dense(2)(x.mean((1, 2)))
+
+  m = ConvBN()
+  rng = np.random.default_rng(1)
+  xs = [rng.normal(size=(6, 5, 5, 2)).astype(np.float32) + i for i in range(3)]
+  v_K = jax.vmap(lambda k: m.init(k, xs[0], train=False))(jax.random.split(jax.random.key(0), 2))
+  got = averaging.recompute_batch_stats(m.apply, v_K, xs, stacked=True)
+  for k in range(2):
+    vk = tree_lib.index(v_K, k)
+    conv = lambda x: nn.Conv(4, (3, 3)).apply({"params": vk["params"]["Conv_0"]}, x)
+    zs = [np.asarray(conv(x), np.float64) for x in xs]
+    ref_mean = np.mean([z.mean((0, 1, 2)) for z in zs], 0)
+    ref_var = np.mean([z.var((0, 1, 2)) for z in zs], 0)
+    np.testing.assert_allclose(got["batch_stats"]["BatchNorm_0"]["mean"][k], ref_mean,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["batch_stats"]["BatchNorm_0"]["var"][k], ref_var,
+                               rtol=1e-4, atol=1e-5)
+    one = averaging.recompute_batch_stats(m.apply, vk, xs)
+    chex.assert_trees_all_close(tree_lib.index(got["batch_stats"], k), one["batch_stats"],
+                                rtol=1e-6, atol=1e-7)
+
+
+def test_recompute_batch_stats_errors():
+  model = models.MLP(widths=(4,), num_classes=2)
+  v = model.init(jax.random.key(0), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match="no BatchNorm"):
+    averaging.recompute_batch_stats(model.apply, v, [np.ones((4, 3), np.float32)])
+  bn = models.MLP(widths=(4,), num_classes=2, batch_norm=True)
+  vb = bn.init(jax.random.key(0), jnp.ones((1, 3)))
+  with pytest.raises(ValueError, match="no batches"):
+    averaging.recompute_batch_stats(bn.apply, vb, [])
+
+
+def test_mlp_batch_norm_is_backwards_compatible():
+  x = jnp.ones((2, 6))
+  plain = models.MLP(widths=(5,), num_classes=3).init(jax.random.key(0), x)
+  assert set(plain) == {"params"} and set(plain["params"]) == {"Dense_0", "head"}
+  with_bn = models.MLP(widths=(5,), num_classes=3, batch_norm=True).init(jax.random.key(0), x)
+  assert set(with_bn["batch_stats"]) == {"bn_0"}
+
+
+# --------------------------------------------------------------------------- StarSSE
+
+def test_star_restart_layout_and_optimizer_reset():
+  tx = optim.make_optimizer(learning_rate=0.1, momentum=0.9)
+  params_K = tree_lib.stack([_random_tree(jax.random.key(i)) for i in range(2)])
+  state0 = members.init_states({"params": params_K}, tx)
+  state0["opt_state"] = optim.set_hyperparams(state0["opt_state"], lr_scale=jnp.array([1.0, 0.5]))
+
+  def step(st):  # one SGD step on a toy loss, so momentum buffers and count are non-zero
+    g = jax.grad(lambda p: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p)))(st["params"])
+    u, o = tx.update(g, st["opt_state"], st["params"])
+    return {**st, "params": optax.apply_updates(st["params"], u), "opt_state": o,
+            "step": st["step"] + 1}
+
+  s = jax.vmap(step)(state0)
+  star = averaging.star_restart(s, num_copies=3)
+  for k in range(2):
+    for c in range(3):
+      chex.assert_trees_all_equal(tree_lib.index(star, 3 * k + c), tree_lib.index(s, k))
+  back = averaging.unflatten_star(star["params"], 3)
+  chex.assert_trees_all_equal(jax.tree.map(lambda a: a[:, 2], back), s["params"])
+  reset = averaging.star_restart(s, num_copies=3, tx=tx, reset_optimizer=True)
+  assert np.all(np.asarray(reset["opt_state"].count) == 0)
+  mom = [x for x in jax.tree.leaves(reset["opt_state"].inner_state) if np.ndim(x) > 1]
+  old = [x for x in jax.tree.leaves(star["opt_state"].inner_state) if np.ndim(x) > 1]
+  assert mom and all(np.all(np.asarray(m) == 0) for m in mom)
+  assert any(np.any(np.asarray(m) != 0) for m in old)  # the checkpoint had momentum
+  np.testing.assert_array_equal(reset["opt_state"].hyperparams["lr_scale"], [1, 1, 1, .5, .5, .5])
+  chex.assert_trees_all_equal(reset["params"], star["params"])
+  with pytest.raises(ValueError, match="tx"):
+    averaging.star_restart(s, num_copies=2, reset_optimizer=True)
