@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ensembling import batchnorm
+from ensembling import averaging
 
 
 class _Net(nn.Module):
@@ -43,14 +43,14 @@ def test_matches_numpy_update_bn():
   v = {"params": jax.tree.map(lambda a: a + 0.5 * jnp.asarray(rng.normal(size=a.shape), a.dtype),
                               v["params"]),
        "batch_stats": jax.tree.map(lambda a: a + 7.0, v["batch_stats"])}  # stale stats
-  new = batchnorm.recompute_batch_stats(model.apply, v, batches)
+  new = averaging.recompute_batch_stats(model.apply, v, batches)
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
   chex.assert_trees_all_close(new["batch_stats"], _np_update_bn(p, batches), rtol=1e-4, atol=1e-5)
   chex.assert_trees_all_equal(new["params"], v["params"])
   # one batch: the stored statistics are exactly that batch's, so eval == train output
-  one = batchnorm.recompute_batch_stats(model.apply, v, batches[:1])
+  one = averaging.recompute_batch_stats(model.apply, v, batches[:1])
   out_eval = model.apply(one, batches[0], train=False)
   out_train, _ = model.apply(one, batches[0], train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(out_eval, out_train, rtol=1e-4, atol=1e-4)
   with pytest.raises(ValueError, match="at least one"):
-    batchnorm.recompute_batch_stats(model.apply, v, [])
+    averaging.recompute_batch_stats(model.apply, v, [])
