@@ -104,7 +104,7 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
         eval_every: int = 0, checkpoint_every: int = 0,
         on_step: Callable[[int, PyTree, PyTree], PyTree] | None = None,
         extra: PyTree = None, progress: bool = True, desc: str = "train",
-        steps_per_epoch: int | None = None) -> tuple[PyTree, PyTree, list[dict]]:
+        steps_per_epoch: int | None = None, eval_split: str = "val") -> tuple[PyTree, PyTree, list[dict]]:
   """Runs `num_steps` member-parallel steps; resumes from `workdir/checkpoints`.
 
   Args:
@@ -121,6 +121,7 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
     on_step: `(step, state_K, extra) -> extra` after every step (host side), e.g. to
       collect snapshots; `extra` is checkpointed with the state.
     extra: the initial value of `extra` (a pytree of arrays, or None).
+    eval_split: the prefix of `eval_fn`'s entries in metrics.jsonl ("val_accuracy").
 
   Returns:
     (state_K, extra, history): history holds the metrics.jsonl records.
@@ -157,7 +158,7 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
       if steps_per_epoch:
         r["epoch"] = step / steps_per_epoch
       r.update({f"train_{n}": float(v[m]) for n, v in train_m.items()})
-      r.update({f"val_{n}": float(v[m]) for n, v in eval_m.items()})
+      r.update({f"{eval_split}_{n}": float(v[m]) for n, v in eval_m.items()})
       recs.append(r)
     history.extend(recs)
     if metrics_path:

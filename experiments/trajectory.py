@@ -164,7 +164,7 @@ def _fit(config, splits, *, model, tx, state, num_steps, workdir, collector, dat
       key=jax.random.key(data_seed + 1), workdir=workdir, eval_fn=eval_fn, eval_every=eval_every,
       checkpoint_every=config.checkpoint_every_steps or spe,
       on_step=collector.on_step if collector else None, extra=extra,
-      progress=config.progress, desc=desc, steps_per_epoch=spe)
+      progress=config.progress, desc=desc, steps_per_epoch=spe, eval_split="test")
   return state, extra, history, strategy
 
 
@@ -320,9 +320,9 @@ def _plot(path, results, config):
     if len(avg):
       ax0.plot(avg / spe, np.interp(avg - 1, steps, lrs), "x", color=line.get_color(), ms=4)
     for hist, offset in res["history"]:
-      recs = [r for r in hist if "val_accuracy" in r]
+      recs = [r for r in hist if "test_accuracy" in r]
       xs = sorted({r["step"] for r in recs})
-      acc = [np.mean([r["val_accuracy"] for r in recs if r["step"] == s]) for s in xs]
+      acc = [np.mean([r["test_accuracy"] for r in recs if r["step"] == s]) for s in xs]
       ax1.plot((np.asarray(xs) + offset) / spe, acc, color=line.get_color(), lw=1,
                label=method if offset == 0 else None)
     for s in snap:
@@ -333,8 +333,8 @@ def _plot(path, results, config):
   ax0.grid(alpha=0.3)
   ax1.set_ylabel("test accuracy (mean over seeds)")
   ax1.set_xlabel("epoch (StarSSE: cycle 1, then the parallel star cycles)")
-  lo = min((np.min([r["val_accuracy"] for h, _ in res["history"] for r in h
-                    if "val_accuracy" in r]) for res in results.values()), default=0)
+  lo = min((np.min([r["test_accuracy"] for h, _ in res["history"] for r in h
+                    if "test_accuracy" in r]) for res in results.values()), default=0)
   ax1.set_ylim(max(lo, 0.5 if lo > 0.55 else 0.0), None)
   ax1.grid(alpha=0.3)
   fig.tight_layout()
