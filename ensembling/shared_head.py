@@ -236,3 +236,16 @@ def embed(params: PyTree, x, *, encode_fn: EncodeFn | None = None,
   fn = jax.jit(lambda p, xb: shared_embeddings(p, xb, encode_fn=encode_fn))
   return np.concatenate([np.asarray(fn(params, x[s:s + batch_size]))
                          for s in range(0, len(x), batch_size)])
+
+
+def evaluate_space(query_emb, query_labels, index_emb, index_labels, head: PyTree | None, *,
+                   k: int = 5) -> dict[str, float]:
+  """mP@k of retrieval (queries vs index) and, with a head, Acc@1 / Acc@5 through it."""
+  from ensembling import metrics
+  out = {f"mP@{k}": metrics.mean_precision_at_k(query_emb, query_labels, index_emb,
+                                                 index_labels, k=k)}
+  if head is not None:
+    cos = np.asarray(classify(query_emb, head))
+    out["Acc@1"] = metrics.top_k_accuracy(cos, query_labels, k=1)
+    out["Acc@5"] = metrics.top_k_accuracy(cos, query_labels, k=min(5, cos.shape[1]))
+  return out
