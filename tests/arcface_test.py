@@ -193,7 +193,7 @@ def test_arcface_head_and_model_wrap_any_backbone():
     assert v["params"]["backbone"]["head"]["kernel"].shape[-1] == 1  # unused, 1 output
     out = jax.jit(m.apply)(v, x)
     want = 7.0 * losses.cosine_logits(out.features, v["params"]["head"]["centers"])
-    np.testing.assert_allclose(out.logits, want, rtol=1e-6)
+    np.testing.assert_allclose(out.logits, want, rtol=1e-5, atol=1e-6)  # jit vs eager
     assert out.features.shape == (3, 6)
 
 
