@@ -71,10 +71,18 @@ def get_config(arg=None):
           _member("20px", mlp((512, 256)), 20),
       ])),
   }
+  # Different architectures (thesis CNN, a ResNet-8, an MLP); not part of "both": run it
+  # on a training subset, e.g. :group=mixed,epochs=3 --config.data.limit_train=10000.
+  groups["mixed"] = ml_collections.ConfigDict(dict(mode="adapter", models=[
+      _member("mlp512-256", mlp((512, 256))),
+      _member("cnn", configlib.model_config("cnn")),
+      _member("resnet8", configlib.model_config("resnet", blocks_per_stage=1)),
+  ]))
   if a.group not in ("both", *groups):
-    raise ValueError(f"Unknown group {a.group!r}; use both, heterogeneous or resolution.")
-  c.groups = ml_collections.ConfigDict(
-      {k: v for k, v in groups.items() if a.group in ("both", k)})
+    raise ValueError(f"Unknown group {a.group!r}; use both, heterogeneous, resolution or "
+                     "mixed.")
+  chosen = ("heterogeneous", "resolution") if a.group == "both" else (a.group,)
+  c.groups = ml_collections.ConfigDict({k: groups[k] for k in chosen})
   if a.runlocal:
     c.epochs, c.align.epochs = 1, 1
     c.data.limit_train = 1024
@@ -84,5 +92,6 @@ def get_config(arg=None):
     for g in c.groups.values():
       g.models = g.models[:2]
       for m in g.models:
-        m.model.widths = (32,)
+        if m.model.name == "mlp":
+          m.model.widths = (32,)
   return c
