@@ -13,3 +13,112 @@ def softmax_cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *,
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)
   return jnp.mean(optax.softmax_cross_entropy(logits_BxC, targets))
+
+
+# --------------------------------------------------------------------------- ArcFace
+
+def l2_normalize(x: jax.Array, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) along `axis` (finite values and gradients, also at x = 0)."""
+  sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+
+
+def cosine_logits(embeddings_BxD: jax.Array, centers_CxD: jax.Array, *,
+                  eps: float = 1e-12) -> jax.Array:
+  """cos(theta) between every embedding and every class centre: (B, C) in [-1, 1].
+
+  Args:
+    embeddings_BxD: embeddings (any norm; normalised here).
+    centers_CxD: one centre per class, as rows (any norm; normalised here).
+    eps: guards the normalisation of zero vectors.
+
+  Returns:
+    The cosine similarities, clipped to [-1, 1].
+  """
+  if embeddings_BxD.ndim != 2 or centers_CxD.ndim != 2:
+    raise ValueError(f"Expected embeddings (B, D) and centers (C, D), got "
+                     f"{embeddings_BxD.shape} and {centers_CxD.shape}.")
+  if embeddings_BxD.shape[-1] != centers_CxD.shape[-1]:
+    raise ValueError(f"Embedding dim {embeddings_BxD.shape[-1]} does not match the centres' "
+                     f"dim {centers_CxD.shape[-1]}.")
+  cos = l2_normalize(embeddings_BxD, eps=eps) @ l2_normalize(centers_CxD, eps=eps).T
+  return jnp.clip(cos, -1.0, 1.0)
+
+
+def _sqrt_with_finite_grad(x):
+  """sqrt(x) for x >= 0 whose gradient at x = 0 is 0 instead of inf."""
+  pos = x > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def additive_angular_margin(cos_BxC: jax.Array, labels_B: jax.Array, *,
+                            margin: float = 0.5) -> jax.Array:
+  """Replaces each target cosine cos(theta) by the ArcFace value (unscaled logits).
+
+  As pytorch-metric-learning's `ArcFaceLoss` (easy_margin=False): the target becomes
+  cos(theta + m) where theta <= pi - m, and cos(theta) - m sin(m) beyond, which keeps
+  the logit decreasing in theta. cos(theta + m) is evaluated as
+  cos(theta) cos(m) - sin(theta) sin(m) with sin(theta) = sqrt(1 - cos^2) (no arccos),
+  so values and gradients stay finite at cos(theta) = +-1.
+
+  Args:
+    cos_BxC: cosines (see `cosine_logits`).
+    labels_B: integer class of each row.
+    margin: m, in radians (pytorch-metric-learning takes degrees: 28.6 deg = 0.5 rad).
+
+  Returns:
+    (B, C) cosines with the target entries modified.
+  """
+  if cos_BxC.ndim != 2 or labels_B.shape != cos_BxC.shape[:1]:
+    raise ValueError(f"Expected cosines (B, C) and labels (B,), got {cos_BxC.shape} and "
+                     f"{labels_B.shape}.")
+  c = jnp.clip(cos_BxC, -1.0, 1.0)
+  onehot = jax.nn.one_hot(labels_B, c.shape[-1], dtype=bool)
+  cos_t = jnp.sum(jnp.where(onehot, c, 0.0), axis=-1)
+  sin_t = _sqrt_with_finite_grad(1.0 - cos_t * cos_t)
+  cos_m, sin_m = jnp.cos(margin), jnp.sin(margin)
+  with_margin = cos_t * cos_m - sin_t * sin_m
+  # theta <= pi - m  <=>  cos(theta) >= cos(pi - m) = -cos(m).
+  target = jnp.where(cos_t >= -cos_m, with_margin, cos_t - margin * sin_m)
+  return jnp.where(onehot, target[:, None], c)
+
+
+def arcface_loss_from_cosines(cos_BxC: jax.Array, labels_B: jax.Array, *,
+                              scale: float = 64.0, margin: float = 0.5) -> jax.Array:
+  """Mean cross-entropy of `scale * additive_angular_margin(cos)`; see `arcface_loss`."""
+  logits = scale * additive_angular_margin(cos_BxC, labels_B, margin=margin)
+  return softmax_cross_entropy(logits, labels_B)
+
+
+def arcface_loss(embeddings_BxD: jax.Array, labels_B: jax.Array, centers_CxD: jax.Array, *,
+                 scale: float = 64.0, margin: float = 0.5) -> jax.Array:
+  """Additive angular margin loss (ArcFace, Deng et al. 2019), mean over the batch.
+
+  loss_i = -log softmax(s * [cos(theta_ij) for j != y_i, cos(theta_iy + m)])_y with
+  embeddings and centres L2-normalised; matches pytorch-metric-learning's
+  `ArcFaceLoss(num_classes=C, embedding_size=D, margin=degrees(m), scale=s)` with
+  its centre matrix `W = centers_CxD.T` (and no weight regulariser).
+
+  Args:
+    embeddings_BxD: embeddings, any norm.
+    labels_B: integer labels in [0, C).
+    centers_CxD: class centres as rows, any norm.
+    scale: s, the radius of the hypersphere.
+    margin: m in radians.
+
+  Returns:
+    A scalar.
+  """
+  return arcface_loss_from_cosines(cosine_logits(embeddings_BxD, centers_CxD), labels_B,
+                                   scale=scale, margin=margin)
+
+
+def arcface_loss_from_logits(logits_BxC: jax.Array, labels_B: jax.Array, *,
+                             scale: float = 64.0, margin: float = 0.5) -> jax.Array:
+  """ArcFace loss for models whose logits are `scale * cos(theta)` (`ArcFaceHead`).
+
+  Lets an ArcFace model train with the standard `loss_fn(logits, labels)` step
+  (`members.train_step`): the cosines are recovered as logits / scale. `scale` must
+  be the head's scale.
+  """
+  return arcface_loss_from_cosines(logits_BxC / scale, labels_B, scale=scale, margin=margin)

@@ -1,0 +1,208 @@
+"""Shared-head alignment (seed 000): train ArcFace models, align them to the best one's
+frozen head, and compare naive vs aligned averaging of their embeddings."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ensembling import data, losses, members, models, optim, report, schedules, shared_head
+from ensembling import train
+from ensembling import tree as tree_lib
+
+log = logging.getLogger(__name__)
+
+
+def resize(x: np.ndarray, size: int, *, chunk: int = 10000) -> np.ndarray:
+  """NHWC images resized to size x size with `jax.image.resize` (linear, antialiased)."""
+  if x.shape[1] == size and x.shape[2] == size:
+    return x
+  fn = jax.jit(lambda a: jax.image.resize(a, (a.shape[0], size, size, a.shape[3]), "linear"))
+  return np.concatenate([np.asarray(fn(x[s:s + chunk])) for s in range(0, len(x), chunk)])
+
+
+def train_arcface(config, spec, x, y, xv, yv, *, seed: int, workdir: str):
+  """Trains one ArcFace model; returns (model, variables)."""
+  model = models.make_arcface_model(spec.model, num_classes=int(y.max()) + 1,
+                                    embedding_dim=config.arcface.embedding_dim,
+                                    scale=config.arcface.scale)
+  batch_fn, steps_per_epoch = train.make_batch_fn(x, y, seed=seed, batch_size=config.batch_size,
+                                                  num_members=1)
+  total = steps_per_epoch * int(config.epochs)
+  tx = optim.optimizer_from_config(
+      config.optim, schedule=schedules.make_schedule(config.optim, total_steps=total))
+  state = members.init_states(members.init_members(jax.random.key(seed), model, x[:1], 1), tx)
+  strategy = members.resolve_strategy(config.members_strategy, state["params"])
+  loss_fn = functools.partial(losses.arcface_loss_from_logits, scale=config.arcface.scale,
+                              margin=config.arcface.margin)
+  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=1,
+                                  strategy=strategy, loss_fn=loss_fn)
+  eval_fn = lambda s: train.evaluate_members(model.apply, s, xv, yv, strategy=strategy)
+  state, _, _ = train.fit(state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
+                          key=jax.random.key(seed + 1), workdir=workdir, eval_fn=eval_fn,
+                          eval_every=steps_per_epoch, checkpoint_every=total,
+                          progress=config.progress, desc=spec.name,
+                          steps_per_epoch=steps_per_epoch)
+  return model, tree_lib.index(members.variables_of(state), 0)
+
+
+def _encoder(model, variables, mode: str, adapter_input: str = "features"):
+  """(encoder params, encode_fn, in_dim or None, trainable) for one model to align."""
+  if mode == "adapter" and adapter_input == "embedding":
+    # frozen backbone + its own embedding layer (seed 000's f_i) -> new linear layer
+    encode_fn = shared_head.flax_encoder(model.apply, train_mode=False)
+    return variables, encode_fn, -1, shared_head.ADAPTER_ONLY
+  if mode == "adapter":  # frozen backbone features -> new linear layer -> shared head
+    if adapter_input != "features":
+      raise ValueError(f"Unknown align.adapter_input {adapter_input!r}; use features or "
+                       "embedding.")
+    enc = {"params": variables["params"]["backbone"]}
+    if "batch_stats" in variables:
+      enc["batch_stats"] = variables["batch_stats"]["backbone"]
+    encode_fn = shared_head.flax_encoder(model.backbone.apply, train_mode=False)
+    return enc, encode_fn, -1, shared_head.ADAPTER_ONLY
+  if mode == "finetune":  # the whole backbone + embedding layer under the shared head
+    encode_fn = shared_head.flax_encoder(model.apply, train_mode="batch_stats" not in variables)
+    return variables, encode_fn, None, ("^encoder/params/(backbone|embed)/",)
+  raise ValueError(f"Unknown alignment mode {mode!r}; use adapter or finetune.")
+
+
+def run_group(config, name: str, group, splits, workdir: str) -> dict:
+  k_eval = int(config.eval.k)
+  n_index = int(config.eval.index_size) or len(splits.x_train)
+  n_test = int(config.eval.get("test_size", 0)) or len(splits.x_test)
+  y_index, y_val, y_test = splits.y_train[:n_index], splits.y_val, splits.y_test[:n_test]
+  specs = list(group.models)
+  trained, inputs = [], []
+  t0 = time.time()
+  for i, spec in enumerate(specs):
+    xs = [resize(a, spec.resolution) for a in (splits.x_train, splits.x_val,
+                                               splits.x_test[:n_test])]
+    inputs.append(xs)
+    trained.append(train_arcface(config, spec, xs[0], splits.y_train, xs[1], y_val,
+                                 seed=config.seed + 100 * i,
+                                 workdir=os.path.join(config.models_dir or workdir, name,
+                                                      spec.name)))
+  t_train = time.time() - t0
+
+  def own_embeddings(i, which):
+    model, variables = trained[i]
+    fn = shared_head.flax_encoder(model.apply, train_mode=False)
+    p = {"encoder": variables, "adapter": {}}
+    x = inputs[i][which][:n_index] if which == 0 else inputs[i][which]
+    return shared_head.embed(p, x, encode_fn=fn)
+
+  own = [[own_embeddings(i, w) for w in range(3)] for i in range(len(specs))]
+  heads = [{"centers": v["params"]["head"]["centers"]} for _, v in trained]
+  val_mp = [shared_head.evaluate_space(own[i][1], y_val, own[i][0], y_index, None,
+                                       k=k_eval)[f"mP@{k_eval}"] for i in range(len(specs))]
+  best = shared_head.select_best(val_mp)
+  shared = heads[best]
+  log.info("%s: validation mP@%d %s; best = %s", name, k_eval, np.round(val_mp, 4),
+           specs[best].name)
+
+  # Align every other model to the best one's frozen head.
+  t0 = time.time()
+  aligned, frozen_ok = [], []
+  for i, spec in enumerate(specs):
+    if i == best:
+      aligned.append([own[i][0], own[i][1], own[i][2]])
+      continue
+    model, variables = trained[i]
+    enc, encode_fn, in_dim, trainable = _encoder(model, variables, group.mode,
+                                                 config.align.adapter_input)
+    if in_dim == -1:
+      in_dim = int(np.asarray(encode_fn(enc, inputs[i][0][:2], train=False, key=None)).shape[1])
+    params = shared_head.init_aligned(jax.random.key(config.seed + 7 + i), encoder=enc,
+                                      head=shared, in_dim=in_dim)
+    before = jax.tree.map(np.array, params)
+    lr = config.align.adapter_lr if group.mode == "adapter" else config.align.finetune_lr
+    steps = int(config.align.epochs) * (len(splits.y_train) // int(config.align.batch_size))
+    tx = optim.make_optimizer(name=config.align.optimizer,
+                              learning_rate=schedules.warmup_cosine(lr, steps))
+    params, loss = shared_head.fit_aligned(
+        params, inputs[i][0], splits.y_train, tx=tx, trainable=trainable, num_steps=steps,
+        batch_size=int(config.align.batch_size), encode_fn=encode_fn,
+        scale=config.arcface.scale, margin=config.arcface.margin, seed=config.seed + i)
+    labels = shared_head.trainable_labels(params, trainable=trainable)
+    unchanged = all(
+        np.asarray(a).tobytes() == np.asarray(b).tobytes()
+        for lab, a, b in zip(jax.tree.leaves(labels), jax.tree.leaves(params),
+                             jax.tree.leaves(before)) if lab == "frozen")
+    frozen_ok.append(unchanged)
+    log.info("%s/%s aligned: loss %.3f -> %.3f; frozen leaves unchanged: %s", name,
+             spec.name, loss[:50].mean(), loss[-50:].mean(), unchanged)
+    aligned.append([shared_head.embed(params, x, encode_fn=encode_fn)
+                    for x in (inputs[i][0][:n_index], inputs[i][1], inputs[i][2])])
+  t_align = time.time() - t0
+
+  # Test split: queries = test images, index = training images.
+  ev = functools.partial(shared_head.evaluate_space, k=k_eval)
+  rows = {"traditional": {}, "ours": {}}
+  for i, spec in enumerate(specs):
+    rows["traditional"][spec.name] = ev(own[i][2], y_test, own[i][0], y_index, heads[i])
+    rows["ours"][spec.name] = ev(aligned[i][2], y_test, aligned[i][0], y_index, shared)
+  naive = [shared_head.combine([own[i][w] for i in range(len(specs))]) for w in (0, 2)]
+  ours = [shared_head.combine([aligned[i][w] for i in range(len(specs))]) for w in (0, 2)]
+  rows["traditional"]["mean"] = ev(naive[1], y_test, naive[0], y_index, shared)
+  rows["ours"]["mean"] = ev(ours[1], y_test, ours[0], y_index, shared)
+  # For context: the usual classifier ensemble, probabilities of each model's own head.
+  probs = np.mean([np.asarray(jax.nn.softmax(config.arcface.scale * shared_head.classify(
+      own[i][2], heads[i]))) for i in range(len(specs))], axis=0)
+  from ensembling import metrics
+  prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, y_test, k=1),
+              "Acc@5": metrics.top_k_accuracy(probs, y_test, k=5)}
+  return {"group": name, "mode": group.mode, "adapter_input": config.align.adapter_input,
+          "models": [s.name for s in specs],
+          "val_mP": val_mp, "best": specs[best].name, "rows": rows,
+          "own_heads_prob_average": prob_avg, "frozen_leaves_unchanged": frozen_ok,
+          "train_seconds": t_train, "align_seconds": t_align,
+          "index_size": n_index, "num_queries": n_test}
+
+
+def table(res: dict, k: int) -> str:
+  names = res["models"] + ["mean"]
+  mp = f"mP@{k}"
+  lines = ["| | metric | " + " | ".join(names) + " |",
+           "|---|---|" + "---|" * len(names)]
+  for kind in ("traditional", "ours"):
+    for metric in ("Acc@1", "Acc@5", mp):
+      cells = [f"{res['rows'][kind][n][metric]:.4f}" for n in names]
+      lines.append(f"| {kind} | {metric} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def run(config, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  splits = data.load(config.data, seed=config.seed)
+  k = int(config.eval.k)
+  results = {"data": splits.describe(), "groups": {}}
+  md = [f"# Shared-head alignment of ArcFace models on {splits.name} (test split)\n"]
+  for name, group in config.groups.items():
+    res = run_group(config, name, group, splits, workdir)
+    results["groups"][name] = res
+    best = res["rows"]["traditional"][res["best"]]
+    how = res["mode"] + (f" from {res['adapter_input']}" if res["mode"] == "adapter" else "")
+    md.append(f"\n## {name} ({how}); shared head = {res['best']}\n\n")
+    md.append(f"Queries: {res['num_queries']} test images; index: {res['index_size']} "
+              f"training images. 'mean' = average of the L2-normalised embeddings, "
+              f"classified by the shared head (traditional: unaligned embeddings).\n\n")
+    md.append(table(res, k))
+    md.append(f"\nBest single model ({res['best']}): mP@{k} {best[f'mP@{k}']:.4f}, Acc@1 "
+              f"{best['Acc@1']:.4f}. Prob. average of the models' own heads: Acc@1 "
+              f"{res['own_heads_prob_average']['Acc@1']:.4f}. Validation mP@{k}: "
+              f"{np.round(res['val_mP'], 4).tolist()}. Frozen leaves bit-identical after "
+              f"alignment: {res['frozen_leaves_unchanged']}. Train {res['train_seconds']:.0f}s, "
+              f"align {res['align_seconds']:.0f}s.\n")
+  report.write_json(os.path.join(workdir, "results.json"), results)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write("".join(md))
+  return results
