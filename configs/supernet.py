@@ -77,11 +77,11 @@ def get_config(arg=None):
   if a.limit_train:
     c.data.limit_train = a.limit_train
   if a.runlocal:
-    c.members, c.epochs = 3, 1
-    c.data.limit_train = 512
-    c.model = configlib.model_config("mlp", widths=(32, 24, 16), dropout=0.2)
+    c.members, c.epochs = 2, 1
+    c.data.limit_train = 256
+    c.model = configlib.model_config("mlp", widths=(16, 8), dropout=0.2)
     c.supernet.head_epochs = 2
     c.supernet.grid_l2 = (0.0, 1e-2)
-    c.supernet.boost_stages = (("^head/", 1), ("^Dense_2/", 1))
+    c.supernet.boost_stages = (("^head/", 1), ("^Dense_1/", 1))
     c.progress = False
   return c

@@ -127,6 +127,7 @@ def run(config, workdir: str) -> dict:
     soft = metrics.classification_metrics(
         np.asarray(ensemble.average_probs(logits_test[:n])), y_test)
     vote = metrics.accuracy(np.asarray(ensemble.vote(logits_test[:n])), y_test)
+    head_k = head  # after the loop: the head over all K members
     rows12.append({"members": n, "supernet": sup, "softmax_voting": soft,
                    "majority_voting": vote, "best_member": max(member_acc[:n]),
                    "head_history": hist})
@@ -137,9 +138,6 @@ def run(config, workdir: str) -> dict:
   # Table 5: loss statistics of the members and of the K-member SuperNet (test split).
   member_stats = [supernet.loss_quantiles(p, y_test)
                   for p in ensemble.members_probs(logits_test)]
-  full = rows12[-1]
-  head_k, _ = build_head(config, cache, heads, num_members=k, init=main_init, l2=main_l2,
-                         scale=main_scale)
   res["table5"] = {
       "members_average": {n: float(np.mean([s[n] for s in member_stats]))
                           for n in member_stats[0]},
@@ -147,7 +145,6 @@ def run(config, workdir: str) -> dict:
           np.asarray(ensemble.average_probs(logits_test)), y_test),
       "supernet": supernet.loss_quantiles(head_probs(head_k, cache["test"]["features"]), y_test),
   }
-  del full
 
   # Table 6: head initialisation x L2 (best validation epoch, as the thesis reports).
   grid = []
