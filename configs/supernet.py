@@ -20,6 +20,7 @@ from ensembling import configlib
 def supernet_block(**overrides) -> ml_collections.ConfigDict:
   """`config.supernet`: how the head is built and trained."""
   sn = ml_collections.ConfigDict(dict(
+      heads=True,                   # Tables 12, 5, 6 (False: only the boost, Table 3)
       head_init="copy_scaled",      # random | copy | copy_scaled
       head_scale=0.0,               # copy_scaled factor; 0 means 1/K
       head_l2=0.0,                  # L2 (Keras style, weights and bias) on the head
@@ -40,7 +41,8 @@ def supernet_block(**overrides) -> ml_collections.ConfigDict:
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, preset="digits", arch="mlp", members=6, epochs=0,
-                          limit_train=0, boost_epochs=0, boost_members=0, runlocal=False)
+                          limit_train=0, boost_epochs=0, boost_members=0, head_epochs=0,
+                          noboost=False, noheads=False, runlocal=False)
   c = configlib.base_config()
   c.experiment = "supernet"
   c.members = a.members
@@ -74,6 +76,11 @@ def get_config(arg=None):
   if a.boost_epochs:  # the same number of epochs for every boost stage
     c.supernet.boost_stages = tuple((p, a.boost_epochs) for p, _ in c.supernet.boost_stages)
   c.supernet.boost_members = a.boost_members
+  c.supernet.heads = not a.noheads
+  if a.noboost:
+    c.supernet.boost_stages = ()
+  if a.head_epochs:
+    c.supernet.head_epochs = a.head_epochs
   if a.limit_train:
     c.data.limit_train = a.limit_train
   if a.runlocal:

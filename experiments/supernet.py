@@ -99,67 +99,66 @@ def run(config, workdir: str) -> dict:
   model, state, strategy, member_seconds = train_members(config, splits, workdir)
   variables = members.variables_of(state)
 
-  t0 = time.perf_counter()
-  cache = supernet.cache_features(
-      model.apply, variables, {"train": splits.x_train, "val": splits.x_val,
-                               "test": splits.x_test},
-      batch_size=config.eval_batch_size, strategy=strategy)
-  cache_seconds = time.perf_counter() - t0
-  for name in cache:
-    cache[name]["y"] = splits.split(name)[1]
-  heads = supernet.member_heads(variables["params"])
-  y_test = splits.y_test
-  logits_test = cache["test"]["logits"]
-  res = {"data": splits.describe(), "strategy": strategy, "member_seconds": member_seconds,
-         "cache_seconds": cache_seconds}
+  res = {"data": splits.describe(), "strategy": strategy, "member_seconds": member_seconds}
+  if sn.heads:
+    t0 = time.perf_counter()
+    cache = supernet.cache_features(
+        model.apply, variables, {"train": splits.x_train, "val": splits.x_val,
+                                 "test": splits.x_test},
+        batch_size=config.eval_batch_size, strategy=strategy)
+    res["cache_seconds"] = time.perf_counter() - t0
+    for name in cache:
+      cache[name]["y"] = splits.split(name)[1]
+    heads = supernet.member_heads(variables["params"])
+    y_test = splits.y_test
+    logits_test = cache["test"]["logits"]
+    # Table 12: SuperNet vs softmax voting vs majority voting with the first k members.
+    main_init, main_l2, main_scale = sn.head_init, float(sn.head_l2), sn.head_scale or None
+    member_acc = [metrics.accuracy(p, y_test) for p in ensemble.members_probs(logits_test)]
+    rows12 = []
+    t_heads = time.perf_counter()
+    for n in range(1, k + 1):
+      head, hist = build_head(config, cache, heads, num_members=n, init=main_init, l2=main_l2,
+                              scale=main_scale)
+      d = heads[0].shape[1]
+      f_test = supernet.first_members(cache["test"]["features"], num_members=n, feature_dim=d)
+      sup = metrics.classification_metrics(head_probs(head, f_test), y_test)
+      soft = metrics.classification_metrics(
+          np.asarray(ensemble.average_probs(logits_test[:n])), y_test)
+      vote = metrics.accuracy(np.asarray(ensemble.vote(logits_test[:n])), y_test)
+      head_k = head  # after the loop: the head over all K members
+      rows12.append({"members": n, "supernet": sup, "softmax_voting": soft,
+                     "majority_voting": vote, "best_member": max(member_acc[:n]),
+                     "head_history": hist})
+    res["head_seconds_all_k"] = time.perf_counter() - t_heads
+    res["member_test_accuracy"] = member_acc
+    res["table12"] = rows12
 
-  # Table 12: SuperNet vs softmax voting vs majority voting with the first k members.
-  main_init, main_l2, main_scale = sn.head_init, float(sn.head_l2), sn.head_scale or None
-  member_acc = [metrics.accuracy(p, y_test) for p in ensemble.members_probs(logits_test)]
-  rows12 = []
-  t_heads = time.perf_counter()
-  for n in range(1, k + 1):
-    head, hist = build_head(config, cache, heads, num_members=n, init=main_init, l2=main_l2,
-                            scale=main_scale)
-    d = heads[0].shape[1]
-    f_test = supernet.first_members(cache["test"]["features"], num_members=n, feature_dim=d)
-    sup = metrics.classification_metrics(head_probs(head, f_test), y_test)
-    soft = metrics.classification_metrics(
-        np.asarray(ensemble.average_probs(logits_test[:n])), y_test)
-    vote = metrics.accuracy(np.asarray(ensemble.vote(logits_test[:n])), y_test)
-    head_k = head  # after the loop: the head over all K members
-    rows12.append({"members": n, "supernet": sup, "softmax_voting": soft,
-                   "majority_voting": vote, "best_member": max(member_acc[:n]),
-                   "head_history": hist})
-  res["head_seconds_all_k"] = time.perf_counter() - t_heads
-  res["member_test_accuracy"] = member_acc
-  res["table12"] = rows12
+    # Table 5: loss statistics of the members and of the K-member SuperNet (test split).
+    member_stats = [supernet.loss_quantiles(p, y_test)
+                    for p in ensemble.members_probs(logits_test)]
+    res["table5"] = {
+        "members_average": {n: float(np.mean([s[n] for s in member_stats]))
+                            for n in member_stats[0]},
+        "softmax_voting": supernet.loss_quantiles(
+            np.asarray(ensemble.average_probs(logits_test)), y_test),
+        "supernet": supernet.loss_quantiles(head_probs(head_k, cache["test"]["features"]), y_test),
+    }
 
-  # Table 5: loss statistics of the members and of the K-member SuperNet (test split).
-  member_stats = [supernet.loss_quantiles(p, y_test)
-                  for p in ensemble.members_probs(logits_test)]
-  res["table5"] = {
-      "members_average": {n: float(np.mean([s[n] for s in member_stats]))
-                          for n in member_stats[0]},
-      "softmax_voting": supernet.loss_quantiles(
-          np.asarray(ensemble.average_probs(logits_test)), y_test),
-      "supernet": supernet.loss_quantiles(head_probs(head_k, cache["test"]["features"]), y_test),
-  }
-
-  # Table 6: head initialisation x L2 (best validation epoch, as the thesis reports).
-  grid = []
-  for l2 in sn.grid_l2:
-    for init in sn.grid_inits:
-      scale = sn.grid_scale or None
-      head, hist = build_head(config, cache, heads, num_members=k, init=init, l2=float(l2),
-                              scale=scale, best_by="val_accuracy")
-      best = max(hist, key=lambda r: r["val_accuracy"])
-      grid.append({"init": init, "l2": float(l2), "scale": scale, "best_epoch": best["epoch"],
-                   "val_accuracy": best["val_accuracy"], "val_nll": best["val_nll"],
-                   "test_accuracy": best["test_accuracy"], "test_nll": best["test_nll"],
-                   "last_val_accuracy": hist[-1]["val_accuracy"],
-                   "last_val_nll": hist[-1]["val_nll"]})
-  res["table6"] = grid
+    # Table 6: head initialisation x L2 (best validation epoch, as the thesis reports).
+    grid = []
+    for l2 in sn.grid_l2:
+      for init in sn.grid_inits:
+        scale = sn.grid_scale or None
+        head, hist = build_head(config, cache, heads, num_members=k, init=init, l2=float(l2),
+                                scale=scale, best_by="val_accuracy")
+        best = max(hist, key=lambda r: r["val_accuracy"])
+        grid.append({"init": init, "l2": float(l2), "scale": scale, "best_epoch": best["epoch"],
+                     "val_accuracy": best["val_accuracy"], "val_nll": best["val_nll"],
+                     "test_accuracy": best["test_accuracy"], "test_nll": best["test_nll"],
+                     "last_val_accuracy": hist[-1]["val_accuracy"],
+                     "last_val_nll": hist[-1]["val_nll"]})
+    res["table6"] = grid
 
   # Table 3: layer-by-layer boost of every member, from the top.
   if sn.boost_stages:
@@ -182,22 +181,38 @@ def run(config, workdir: str) -> dict:
   report.write_json(os.path.join(workdir, "results.json"), res)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(markdown(res, config))
-  report.plot_curve(os.path.join(workdir, "accuracy_vs_members.png"),
-                    np.arange(1, k + 1),
-                    {"SuperNet": [r["supernet"]["accuracy"] for r in rows12],
-                     "softmax voting": [r["softmax_voting"]["accuracy"] for r in rows12],
-                     "majority voting": [r["majority_voting"] for r in rows12],
-                     "best member": [r["best_member"] for r in rows12]},
-                    xlabel="members", ylabel="test accuracy")
+  if sn.heads:
+    report.plot_curve(os.path.join(workdir, "accuracy_vs_members.png"),
+                      np.arange(1, k + 1),
+                      {"SuperNet": [r["supernet"]["accuracy"] for r in rows12],
+                       "softmax voting": [r["softmax_voting"]["accuracy"] for r in rows12],
+                       "majority voting": [r["majority_voting"] for r in rows12],
+                       "best member": [r["best_member"] for r in rows12]},
+                      xlabel="members", ylabel="test accuracy")
   return res
 
 
 def markdown(res, config) -> str:
+  out = [f"# SuperNet: {config.members} x {config.model.name} on {res['data']}\n",
+         f"Members trained in {res['member_seconds']:.0f}s (0 when restored).\n"]
+  if "table12" in res:
+    out += _markdown_heads(res, config)
+  if "table3" in res:
+    st = res["table3"]["stages"]
+    out += ["\n## Table 3 analogue (test accuracy per member after each boost stage)\n",
+            "| member | base | " + " | ".join(f"{s['patterns']} ({s['epochs']} ep)" for s in st[1:])
+            + " |", "|---|" + "---|" * len(st)]
+    for m in range(len(st[0]["accuracy"])):
+      out.append(f"| {m} | " + " | ".join(f"{s['accuracy'][m]:.4f}" for s in st) + " |")
+    out.append(f"\nBoost took {res['table3']['seconds']:.0f}s for all boosted members.")
+  return "\n".join(out) + "\n"
+
+
+def _markdown_heads(res, config) -> list[str]:
   k = len(res["table12"])
-  out = [f"# SuperNet: {k} x {config.model.name} on {res['data']}\n",
-         f"Members trained in {res['member_seconds']:.0f}s; features cached in "
-         f"{res['cache_seconds']:.1f}s; {k} heads ({config.supernet.head_epochs} epochs each, "
-         f"init {config.supernet.head_init}) in {res['head_seconds_all_k']:.1f}s.\n",
+  out = [f"Features cached in {res['cache_seconds']:.1f}s; {k} heads "
+         f"({config.supernet.head_epochs} epochs each, init {config.supernet.head_init}) in "
+         f"{res['head_seconds_all_k']:.1f}s.\n",
          "\n## Table 12 analogue (test accuracy)\n",
          "| members | " + " | ".join(str(r["members"]) for r in res["table12"]) + " |",
          "|---|" + "---|" * k]
@@ -219,12 +234,4 @@ def markdown(res, config) -> str:
   for g in res["table6"]:
     out.append(f"| {g['init']} | {g['l2']:g} | {g['val_accuracy']:.4f} | {g['val_nll']:.4f} | "
                f"{g['test_accuracy']:.4f} | {g['best_epoch']} |")
-  if "table3" in res:
-    st = res["table3"]["stages"]
-    out += ["\n## Table 3 analogue (test accuracy per member after each boost stage)\n",
-            "| member | base | " + " | ".join(f"{s['patterns']} ({s['epochs']} ep)" for s in st[1:])
-            + " |", "|---|" + "---|" * len(st)]
-    for m in range(len(st[0]["accuracy"])):
-      out.append(f"| {m} | " + " | ".join(f"{s['accuracy'][m]:.4f}" for s in st) + " |")
-    out.append(f"\nBoost took {res['table3']['seconds']:.0f}s for all members.")
-  return "\n".join(out) + "\n"
+  return out

@@ -58,10 +58,13 @@ def test_supernet_partition_experiment(tmp_path):
 
 def test_supernet_time_experiment(tmp_path):
   res = _read_run(cfg_time.get_config("runlocal"), tmp_path)
+  assert np.all(np.diff([r["seconds"] for r in res["single"]["curve"]]) >= 0)
+  for r in res["supernet"]["curve"]:  # members' cumulative time + this epoch's build
+    assert r["seconds"] == pytest.approx(r["member_seconds"] + r["build_seconds"])
+  assert np.all(np.diff([r["member_seconds"] for r in res["supernet"]["curve"]]) >= 0)
   for arm in ("single", "supernet"):
     curve = res[arm]["curve"]
     assert 1 <= len(curve) <= 2
-    assert all(np.diff([r["seconds"] for r in curve]) >= 0) or len(curve) == 1
     for t, hit in res[arm]["time_to"].items():
       first = next((r for r in curve if r["val_accuracy"] >= float(t)), None)
       assert (hit is None) == (first is None)
