@@ -20,7 +20,8 @@ from ensembling import configlib
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, preset="digits", max_epochs=0, limit_train=0, runlocal=False)
+  a = configlib.parse_arg(arg, preset="digits", max_epochs=0, limit_train=0, targets="",
+                          runlocal=False)
   c = configlib.base_config()
   c.experiment = "supernet_time"
   c.supernet = supernet_block(head_epochs=2)
@@ -64,6 +65,8 @@ def get_config(arg=None):
     c.timing.max_epochs = a.max_epochs
   if a.limit_train:
     c.data.limit_train = a.limit_train
+  if a.targets:  # e.g. targets=0.86-0.88
+    c.timing.targets = tuple(float(t) for t in a.targets.split("-"))
   if a.runlocal:
     c.timing.max_epochs = 2
     c.data.limit_train = 128
