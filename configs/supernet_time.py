@@ -10,7 +10,11 @@ constant learning rate; each arm stops at the first epoch reaching the highest t
 
 20 Newsgroups, targets 82% / 84% (Table 11; MLP 60-60 vs 3 x 20-20, Adam):
 `configs/supernet_time.py:newsgroups`.
-Tiny: `configs/supernet_time.py:runlocal`. Measured numbers: docs/results_supernet.md.
+Tiny: `configs/supernet_time.py:runlocal`.
+
+Measured (fashion_mnist,max_epochs=12,targets=0.87-0.88-0.89-0.90): val 0.89 reached by
+the SuperNet in 54 s (epoch 8) vs 93 s (epoch 11) for the single net; 0.90 by neither.
+TNG: both reach 0.84 at epoch 2 (single 78 s, SuperNet 131 s). docs/results_supernet.md.
 """
 
 import ml_collections
