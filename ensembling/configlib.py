@@ -17,7 +17,8 @@ MODEL_DEFAULTS = {
     "cnn": dict(stages=(32, 64, 128), dropouts=(0.2, 0.3, 0.4), batch_norm=True),
     "resnet": dict(blocks_per_stage=3, widths=(16, 32, 64), width_multiplier=1),
 }
-DATA_DIRS = {"fashion_mnist": "../shared/data/fashion-mnist"}
+DATA_DIRS = {"fashion_mnist": "../shared/data/fashion-mnist",
+             "20newsgroups": "../shared/data/20newsgroups"}
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:

@@ -61,7 +61,8 @@ def make_splits(train, test, *, num_classes: int, validation_size, seed: int,
 def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
   """Loads the dataset that `config.data` names.
 
-  Keys: `name` (digits | fashion_mnist | mnist | any tfds name with source=tfds),
+  Keys: `name` (digits | fashion_mnist | mnist | 20newsgroups | any tfds name with
+  source=tfds; 20newsgroups also reads `max_features`),
   `source` (builtin | idx | tfds; optional), `dir`, `validation_size`, and `limit_train`
   (keep only the first N training examples after the split; 0 keeps all).
   """
@@ -71,7 +72,12 @@ def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
   name = cfg.get("name", "digits")
   source = cfg.get("source", "") or ("tfds" if name not in images.BUILTIN else "builtin")
   val_size = cfg.get("validation_size", 0.1)
-  if source == "tfds":
+  if name == "20newsgroups":  # TF-IDF vectors read from the bydate tar.gz
+    from ensembling.data import newsgroups
+    kw = {k: cfg[k] for k in ("max_features",) if cfg.get(k)}
+    splits = newsgroups.load_newsgroups(cfg.get("dir", ""), validation_size=val_size,
+                                        seed=seed, **kw)
+  elif source == "tfds":
     splits = tfds_source.load_tfds(name, data_dir=cfg.get("dir") or None,
                                    validation_size=val_size, seed=seed)
   elif source in ("builtin", "idx"):

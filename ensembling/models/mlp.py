@@ -57,26 +57,51 @@ class PartitionedMLP(nn.Module):
       if w % self.parts:
         raise ValueError(f"width {w} is not divisible by parts={self.parts}.")
     x = x.reshape((x.shape[0], -1))
+    # LeCun-normal per part, as each part's own nn.Dense would be: fan_in is the
+    # part's input size (batch_axis=0 keeps the part axis out of the fan).
+    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                            in_axis=1, out_axis=2, batch_axis=(0,))
     h = None
     for i, w in enumerate(self.widths):
       wp = w // self.parts
-      if h is None:  # input shared by all parts: one dense layer, then split.
-        kernel = self.param(f"kernel_{i}", nn.initializers.lecun_normal(),
-                            (self.parts, x.shape[-1], wp))
+      if h is None:  # input shared by all parts, each with its own weights.
+        kernel = self.param(f"kernel_{i}", init, (self.parts, x.shape[-1], wp))
         h = jnp.einsum("bi,pio->pbo", x, kernel)
       else:
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                in_axis=1, out_axis=2, batch_axis=(0,))
         kernel = self.param(f"kernel_{i}", init, (self.parts, h.shape[-1], wp))
         h = jnp.einsum("pbi,pio->pbo", h, kernel)
       bias = self.param(f"bias_{i}", nn.initializers.zeros, (self.parts, 1, wp))
       h = nn.relu(h + bias)
       if self.dropout > 0:
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=1, out_axis=2, batch_axis=(0,))
     head_k = self.param("head_kernel", init, (self.parts, h.shape[-1], self.num_classes))
     head_b = self.param("head_bias", nn.initializers.zeros, (self.parts, 1, self.num_classes))
     logits_P = jnp.einsum("pbi,pio->pbo", h, head_k) + head_b
     features = jnp.transpose(h, (1, 0, 2)).reshape((x.shape[0], -1))
     return Output(features, logits_P.mean(axis=0))
+
+
+def partitioned_from_members(params_K) -> dict:
+  """`PartitionedMLP` params equal to K stacked `MLP` members' params.
+
+  Member k of `MLP(widths=w)` becomes part k of `PartitionedMLP(widths=K*w, parts=K)`:
+  the block-diagonal network computes the K members side by side, its features are
+  the members' features concatenated (member-major) and its logits the mean of the
+  members' logits.
+
+  Args:
+    params_K: stacked `MLP` params (`Dense_i` and `head`, member axis first).
+
+  Returns:
+    The `PartitionedMLP` params (without the member axis).
+  """
+  names = sorted((n for n in params_K if n.startswith("Dense_")), key=lambda n: int(n[6:]))
+  if "head" not in params_K or not names:
+    raise ValueError(f"Expected MLP params with Dense_i and head, got {sorted(params_K)}.")
+  out = {}
+  for i, n in enumerate(names):
+    out[f"kernel_{i}"] = params_K[n]["kernel"]
+    out[f"bias_{i}"] = params_K[n]["bias"][:, None, :]
+  out["head_kernel"] = params_K["head"]["kernel"]
+  out["head_bias"] = params_K["head"]["bias"][:, None, :]
+  return out

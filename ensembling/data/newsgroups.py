@@ -1,0 +1,85 @@
+"""20 Newsgroups ("bydate", the thesis's TNG) as TF-IDF vectors, read from the tar.gz.
+
+The archive (`../shared/data/20newsgroups/20news-bydate-repacked.tar.gz`, see its
+README) holds `20news-bydate-{train,test}/<group>/<id>` files of raw latin-1 bytes.
+They are read straight from the archive with `tarfile` (nothing is extracted), the
+TF-IDF vocabulary is fit on the training posts only (after the validation split is
+carved out), and the result is a dense float32 `Splits`.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+
+import numpy as np
+
+from ensembling.data.core import Splits, carve_validation
+
+ARCHIVE = "20news-bydate-repacked.tar.gz"
+SPLIT_DIRS = {"train": "20news-bydate-train", "test": "20news-bydate-test"}
+
+
+def read_archive(path: str) -> dict[str, tuple[list[str], list[str]]]:
+  """{"train": (texts, group names), "test": (...)} from the bydate tar.gz.
+
+  Members are read in archive order, which the README documents as sorted by name.
+  """
+  if os.path.isdir(path):
+    path = os.path.join(path, ARCHIVE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"20 Newsgroups archive not found: {path}")
+  out = {s: ([], []) for s in SPLIT_DIRS}
+  by_dir = {d: s for s, d in SPLIT_DIRS.items()}
+  with tarfile.open(path, "r:gz") as tf:
+    for m in tf:
+      if not m.isfile():
+        continue
+      parts = m.name.split("/")
+      if len(parts) != 3 or parts[0] not in by_dir:
+        raise ValueError(f"{path}: unexpected member {m.name!r}; expected "
+                         "20news-bydate-{train,test}/<group>/<id>.")
+      texts, groups = out[by_dir[parts[0]]]
+      texts.append(tf.extractfile(m).read().decode("latin-1"))
+      groups.append(parts[1])
+  for s, (texts, _) in out.items():
+    if not texts:
+      raise ValueError(f"{path}: no {s} posts found.")
+  return out
+
+
+def load_newsgroups(directory: str, *, validation_size=1000, seed: int = 0,
+                    max_features: int = 20000, sublinear_tf: bool = True,
+                    min_df: int = 2) -> Splits:
+  """TF-IDF features of 20 Newsgroups (train 11314 - validation, test 7532).
+
+  Args:
+    directory: the folder holding the archive (or the archive's path).
+    validation_size: posts carved from the training split (count or fraction).
+    seed: the validation split's permutation.
+    max_features: vocabulary size (the most frequent terms of the training posts).
+    sublinear_tf: use 1 + log(tf).
+    min_df: ignore terms in fewer training posts than this.
+
+  Returns:
+    A `Splits` of dense float32 L2-normalised TF-IDF rows, labels 0..19 in sorted
+    group order.
+  """
+  from sklearn.feature_extraction.text import TfidfVectorizer
+
+  raw = read_archive(directory)
+  names = sorted(set(raw["train"][1]))
+  if sorted(set(raw["test"][1])) != names:
+    raise ValueError("Train and test hold different newsgroups.")
+  label = {n: i for i, n in enumerate(names)}
+  texts_tr = np.array(raw["train"][0], dtype=object)
+  y_tr = np.array([label[g] for g in raw["train"][1]], np.int32)
+  (t_tr, y_tr), (t_va, y_va) = carve_validation(texts_tr, y_tr, size=validation_size, seed=seed)
+  vec = TfidfVectorizer(max_features=max_features, sublinear_tf=sublinear_tf, min_df=min_df,
+                        dtype=np.float32)
+  x_tr = vec.fit_transform(list(t_tr))
+  to_dense = lambda m: np.asarray(m.toarray(), np.float32)
+  x_te = vec.transform(raw["test"][0])
+  y_te = np.array([label[g] for g in raw["test"][1]], np.int32)
+  return Splits(to_dense(x_tr), y_tr, to_dense(vec.transform(list(t_va))), y_va,
+                to_dense(x_te), y_te, num_classes=len(names), name="20newsgroups")

@@ -1,0 +1,432 @@
+"""SuperNet: K frozen members merged by one new, retrained softmax layer.
+
+Seed 003 (Bukowski & Dzwinel, "SuperNet - an efficient method of neural networks
+ensembling") concatenates the penultimate features of K trained sub-networks and
+trains only a new dense softmax layer over them (K*D -> C). This module holds:
+
+- the new layer (`init_head`, `apply_head`) with three initialisations: `random`,
+  `copy` (the members' `head` kernels stacked, biases averaged) and `copy_scaled`
+  (copied kernels times a factor, 1/K by default, which makes the initial SuperNet
+  exactly the logit average of the members);
+- freezing by parameter paths (`train_only`: an `optax.partition` whose frozen
+  leaves get `optax.set_to_zero`, so they carry no optimizer state and stay
+  bit-identical);
+- the whole SuperNet as one pytree `{"members": variables_K, "head": head}` with
+  `supernet_apply` (used to check that the cached path equals the full one);
+- head training on cached features (`cache_features`, `fit_head`): the members run
+  once per split, after which an epoch is a matrix multiply per batch inside one
+  `lax.scan`;
+- the thesis's last-layer boost (`layerwise_boost`): retrain only the layers matching
+  a list of path patterns, one stage at a time from the top (Table 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ensembling import data as data_lib
+from ensembling import losses, members
+from ensembling import tree as tree_lib
+from ensembling.models.common import Output
+
+PyTree = Any
+INITS = ("random", "copy", "copy_scaled")
+
+
+# --------------------------------------------------------------------------- features
+
+def concat_features(features_KxNxD) -> jax.Array:
+  """(K, N, D) member features -> (N, K*D), member-major within each row.
+
+  Row n is [f_0(n), f_1(n), ..., f_{K-1}(n)]; this is the layout `init_head` and
+  `PartitionedMLP` use, so the first k*D columns are the SuperNet of the first k
+  members.
+  """
+  f = jnp.asarray(features_KxNxD)
+  if f.ndim != 3:
+    raise ValueError(f"Expected member features of shape (K, N, D), got {f.shape}.")
+  k, n, d = f.shape
+  return jnp.transpose(f, (1, 0, 2)).reshape(n, k * d)
+
+
+def first_members(features_NxF, *, num_members: int, feature_dim: int):
+  """The concatenated features of the first `num_members` members (a column slice)."""
+  f = features_NxF
+  if f.shape[-1] % feature_dim:
+    raise ValueError(f"{f.shape[-1]} feature columns are not a multiple of "
+                     f"feature_dim={feature_dim}.")
+  total = f.shape[-1] // feature_dim
+  if not 1 <= num_members <= total:
+    raise ValueError(f"num_members must be in [1, {total}], got {num_members}.")
+  return f[..., : num_members * feature_dim]
+
+
+def cache_features(apply_fn: Callable, variables_K: PyTree,
+                   splits: Mapping[str, np.ndarray], *, batch_size: int = 1000,
+                   strategy: str = "auto") -> dict[str, dict[str, np.ndarray]]:
+  """Runs the frozen members once per split.
+
+  Args:
+    apply_fn: the members' `model.apply`.
+    variables_K: stacked member variables.
+    splits: {name: x} arrays.
+    batch_size: inference chunk size.
+    strategy: member-parallel strategy for `members.predict`.
+
+  Returns:
+    {name: {"features": (N, K*D) float32, "logits": (K, N, C) float32}}.
+  """
+  out = {}
+  for name, x in splits.items():
+    logits, feats = members.predict(apply_fn, variables_K, x, batch_size=batch_size,
+                                    strategy=strategy, with_features=True)
+    out[name] = {"features": np.asarray(concat_features(feats)), "logits": logits}
+  return out
+
+
+# --------------------------------------------------------------------------- head
+
+def member_heads(params_K: PyTree, *, name: str = "head") -> tuple[jax.Array, jax.Array]:
+  """The members' last-layer kernels (K, D, C) and biases (K, C) from stacked params.
+
+  Args:
+    params_K: stacked member params (the `params` collection, member axis first).
+    name: the top-level module name of the dense softmax layer.
+  """
+  if name not in params_K:
+    raise ValueError(f"No layer {name!r} in the members' params; top-level names are "
+                     f"{sorted(params_K)}.")
+  layer = params_K[name]
+  kernel, bias = layer["kernel"], layer["bias"]
+  if kernel.ndim != 3 or bias.ndim != 2:
+    raise ValueError(f"Expected stacked kernels (K, D, C) and biases (K, C) at {name!r}, got "
+                     f"{kernel.shape} and {bias.shape}.")
+  return kernel, bias
+
+
+def partitioned_heads(params: PyTree) -> tuple[jax.Array, jax.Array]:
+  """A `PartitionedMLP`'s per-part heads as (P, D, C) kernels and (P, C) biases."""
+  return params["head_kernel"], params["head_bias"][:, 0, :]
+
+
+def init_head(key: jax.Array, *, num_features: int, num_classes: int,
+              init: str = "random", kernels_KxDxC=None, biases_KxC=None,
+              scale: float | None = None) -> dict[str, jax.Array]:
+  """The SuperNet's new dense softmax layer {"kernel": (F, C), "bias": (C,)}.
+
+  Args:
+    key: PRNG key (used by `random` only).
+    num_features: F = K * D, the width of the concatenated features.
+    num_classes: C.
+    init: `random` (LeCun-normal kernel, zero bias, like `nn.Dense`), `copy` (the
+      members' kernels stacked along the feature axis, biases averaged) or
+      `copy_scaled` (copied kernels times `scale`).
+    kernels_KxDxC: the members' head kernels (needed by the copy inits).
+    biases_KxC: the members' head biases (needed by the copy inits).
+    scale: the kernel factor of `copy_scaled`; None means 1/K, which makes the
+      initial SuperNet logits equal the average of the members' logits. Biases are
+      averaged, never scaled.
+
+  Returns:
+    The head parameters.
+  """
+  if init not in INITS:
+    raise ValueError(f"Unknown head init {init!r}; choose one of {INITS}.")
+  if init == "random":
+    kernel = jax.nn.initializers.lecun_normal()(key, (num_features, num_classes), jnp.float32)
+    return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+  if kernels_KxDxC is None or biases_KxC is None:
+    raise ValueError(f"init={init!r} needs the members' kernels_KxDxC and biases_KxC.")
+  kernels = jnp.asarray(kernels_KxDxC, jnp.float32)
+  biases = jnp.asarray(biases_KxC, jnp.float32)
+  k, d, c = kernels.shape
+  if k * d != num_features or c != num_classes or biases.shape != (k, c):
+    raise ValueError(f"Member heads {kernels.shape} / {biases.shape} do not fit a head of "
+                     f"{num_features} features and {num_classes} classes.")
+  factor = 1.0
+  if init == "copy_scaled":
+    factor = 1.0 / k if scale is None else float(scale)
+  elif scale is not None:
+    raise ValueError("scale is only used with init='copy_scaled'.")
+  return {"kernel": kernels.reshape(k * d, c) * factor, "bias": biases.mean(0)}
+
+
+def apply_head(head: Mapping[str, jax.Array], features_NxF) -> jax.Array:
+  """SuperNet logits (N, C) from concatenated features (N, F)."""
+  return jnp.asarray(features_NxF) @ head["kernel"] + head["bias"]
+
+
+def l2_penalty(head: Mapping[str, jax.Array]) -> jax.Array:
+  """sum(kernel^2) + sum(bias^2): Keras's `l2(alpha)` on weights and bias, sans alpha."""
+  return jnp.sum(jnp.square(head["kernel"])) + jnp.sum(jnp.square(head["bias"]))
+
+
+def head_loss(head, features_NxF, labels_N, *, l2: float = 0.0) -> jax.Array:
+  """Mean cross-entropy of the head plus `l2 * l2_penalty(head)`."""
+  loss = losses.softmax_cross_entropy(apply_head(head, features_NxF), labels_N)
+  return loss + l2 * l2_penalty(head) if l2 else loss
+
+
+# --------------------------------------------------------------------------- the whole net
+
+def supernet_params(variables_K: PyTree, head: PyTree) -> dict[str, PyTree]:
+  """The SuperNet as one pytree: frozen members and the new head."""
+  return {"members": variables_K, "head": head}
+
+
+def supernet_apply(apply_fn: Callable, params: Mapping[str, PyTree], x, *,
+                   strategy: str = "vmap") -> Output:
+  """The full SuperNet forward pass (members in inference mode, then the head).
+
+  Args:
+    apply_fn: the members' `model.apply`.
+    params: `supernet_params(variables_K, head)`.
+    x: a batch (B, ...).
+    strategy: `vmap` or `unroll` over members (both trace into the caller's jit).
+
+  Returns:
+    `Output(features (B, K*D), logits (B, C))`.
+  """
+  variables_K = params["members"]
+  k = tree_lib.num_members(variables_K)
+  one = lambda v: apply_fn(v, x, train=False).features
+  if strategy == "vmap":
+    feats = jax.vmap(one)(variables_K)
+  elif strategy == "unroll":
+    feats = jnp.stack([one(tree_lib.index(variables_K, i)) for i in range(k)])
+  else:
+    raise ValueError(f"supernet_apply supports strategy vmap or unroll, got {strategy!r}.")
+  f = concat_features(feats)
+  return Output(f, apply_head(params["head"], f))
+
+
+# --------------------------------------------------------------------------- freezing
+
+def train_only(tx: optax.GradientTransformation, params: PyTree,
+               patterns: str | Sequence[str]) -> optax.GradientTransformation:
+  """`tx` on the leaves whose "a/b/c" path matches a regex in `patterns`; the rest frozen.
+
+  Frozen leaves go through `optax.set_to_zero()` inside `optax.partition`, so they
+  carry no optimizer state and their updates are exactly zero.
+
+  Args:
+    tx: the optimizer for the trained leaves.
+    params: the parameter tree (structure and paths only).
+    patterns: regexes (`re.search`) over paths such as "head/kernel".
+
+  Returns:
+    The partitioned transformation. Raises ValueError if no leaf matches.
+  """
+  mask = tree_lib.path_mask(params, patterns)
+  if not any(jax.tree.leaves(mask)):
+    names = [n for n, _ in tree_lib.named_leaves(params)]
+    raise ValueError(f"No parameter path matches {patterns!r}; paths are {names[:12]}"
+                     f"{' ...' if len(names) > 12 else ''}.")
+  pats = [patterns] if isinstance(patterns, str) else list(patterns)
+  labels = tree_lib.partition_labels(params, [(p, "train") for p in pats], "frozen")
+  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def frozen_stats_step(state, batch, key, *, apply_fn: Callable,
+                      tx: optax.GradientTransformation,
+                      loss_fn: Callable = losses.softmax_cross_entropy):
+  """`members.train_step` that leaves BatchNorm statistics untouched.
+
+  Used with `train_only` when most layers are frozen: the frozen layers' running
+  statistics must not drift either (Keras freezes BN the same way).
+  """
+  new_state, metrics = members.train_step(state, batch, key, apply_fn=apply_fn, tx=tx,
+                                          loss_fn=loss_fn)
+  return {**new_state, "batch_stats": state["batch_stats"]}, metrics
+
+
+# --------------------------------------------------------------------------- head training
+
+@functools.partial(jax.jit, static_argnames=("tx", "l2"))
+def _head_epoch(head, opt_state, features, labels, idx_SxB, *, tx, l2):
+  def body(carry, idx):
+    h, o = carry
+    loss, grads = jax.value_and_grad(head_loss)(h, features[idx], labels[idx], l2=l2)
+    updates, o = tx.update(grads, o, h)
+    return (optax.apply_updates(h, updates), o), loss
+  (head, opt_state), losses_S = jax.lax.scan(body, (head, opt_state), idx_SxB)
+  return head, opt_state, losses_S.mean()
+
+
+@jax.jit
+def _head_eval(head, features, labels):
+  logits = apply_head(head, features)
+  logp = jax.nn.log_softmax(logits)
+  nll_N = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
+  acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+  return acc, nll_N.mean()
+
+
+def head_batches(seed: int, epoch: int, *, num_examples: int, batch_size: int) -> np.ndarray:
+  """The (steps, batch_size) example indices of one head-training epoch."""
+  return data_lib.member_batch_indices(seed, epoch, num_examples=num_examples,
+                                       batch_size=batch_size, num_members=1)[:, 0]
+
+
+def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransformation,
+             epochs: int, batch_size: int = 128, seed: int = 0, l2: float = 0.0,
+             eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
+             best_by: str | None = None) -> tuple[PyTree, list[dict]]:
+  """Trains only the SuperNet head on cached (frozen) features.
+
+  Each epoch is one jitted `lax.scan` over shuffled mini-batches of the cached
+  features: no member forward pass.
+
+  Args:
+    head: initial head (see `init_head`).
+    features_NxF: cached concatenated training features.
+    labels_N: training labels.
+    tx: the head's optimizer (a fresh state is made here).
+    epochs: passes over the cached features.
+    batch_size: examples per step; the last incomplete batch is dropped.
+    seed: data order (epoch e uses `head_batches(seed, e, ...)`).
+    l2: weight of `l2_penalty` in the loss (0 disables it).
+    eval_sets: {name: (features, labels)} evaluated after each epoch (and at epoch 0).
+    best_by: e.g. "val_accuracy": return the head of the epoch with the highest value
+      (ties: earliest) instead of the last one.
+
+  Returns:
+    (head, history): one record per epoch with train_loss, seconds, and
+    `<name>_accuracy` / `<name>_nll` for each eval set.
+  """
+  if epochs < 0:
+    raise ValueError(f"epochs must be >= 0, got {epochs}.")
+  feats = jnp.asarray(features_NxF, jnp.float32)
+  labels = jnp.asarray(labels_N, jnp.int32)
+  if feats.ndim != 2 or labels.shape != (feats.shape[0],):
+    raise ValueError(f"Expected features (N, F) and labels (N,), got {feats.shape} and "
+                     f"{labels.shape}.")
+  if feats.shape[1] != head["kernel"].shape[0]:
+    raise ValueError(f"Head expects {head['kernel'].shape[0]} features, got {feats.shape[1]}.")
+  evals = {n: (jnp.asarray(f, jnp.float32), jnp.asarray(y, jnp.int32))
+           for n, (f, y) in (eval_sets or {}).items()}
+
+  def evaluate(h, rec):
+    for n, (f, y) in evals.items():
+      acc, nll = _head_eval(h, f, y)
+      rec[f"{n}_accuracy"], rec[f"{n}_nll"] = float(acc), float(nll)
+    return rec
+
+  opt_state = tx.init(head)
+  history = [evaluate(head, {"epoch": 0})]
+  best, best_val = head, history[0].get(best_by, -np.inf) if best_by else None
+  for epoch in range(epochs):
+    idx = head_batches(seed, epoch, num_examples=feats.shape[0], batch_size=batch_size)
+    t0 = time.perf_counter()
+    head, opt_state, loss = _head_epoch(head, opt_state, feats, labels, jnp.asarray(idx),
+                                        tx=tx, l2=float(l2))
+    loss = float(loss)
+    rec = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.perf_counter() - t0}
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"Head loss became non-finite ({loss}) in epoch {epoch + 1}.")
+    history.append(evaluate(head, rec))
+    if best_by:
+      if best_by not in rec:
+        raise ValueError(f"best_by={best_by!r} is not a recorded metric; have {sorted(rec)}.")
+      if rec[best_by] > best_val:
+        best, best_val = head, rec[best_by]
+  return (best if best_by else head), history
+
+
+# --------------------------------------------------------------------------- last-layer boost
+
+def layers_from_top(params: PyTree) -> list[str]:
+  """Top-level layer names of one member's params, last created first.
+
+  Flax Linen keeps the creation order of submodules in the params dict, so for the
+  MLP this is ["head", "Dense_{n-1}", ..., "Dense_0"]. Layers without parameters
+  do not appear.
+  """
+  return list(reversed(list(params.keys())))
+
+
+def layerwise_boost(state_K: PyTree, *, apply_fn: Callable,
+                    stages: Sequence[tuple[str | Sequence[str], int]],
+                    make_tx: Callable[[int], optax.GradientTransformation],
+                    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
+                    strategy: str = "vmap", eval_fn: Callable | None = None,
+                    loss_fn: Callable = losses.softmax_cross_entropy,
+                    progress: bool = False) -> tuple[PyTree, list[dict]]:
+  """Retrains only some layers of every member, one stage after another (Table 3).
+
+  Each stage makes a fresh optimizer `train_only(make_tx(stage_steps), params,
+  patterns)`, so only the leaves matching that stage's path patterns move; BatchNorm
+  statistics are kept frozen (`frozen_stats_step`). All members are boosted at once.
+
+  Args:
+    state_K: stacked member states (`params`, `batch_stats`, ...; `opt_state` is
+      replaced per stage).
+    apply_fn: `model.apply`.
+    stages: [(patterns, epochs), ...], e.g. [("^head/", 3), ("^Dense_2/", 3)].
+    make_tx: `steps -> optax transformation` for one stage of `steps` steps.
+    x, y: training data.
+    batch_size: per member.
+    seed: data order; stage s uses seed + 1000 * s.
+    strategy: member-parallel strategy (resolved already).
+    eval_fn: `state_K -> {name: (K,) array}` run after every stage (and before).
+    loss_fn: training loss.
+    progress: tqdm bars.
+
+  Returns:
+    (state_K, history): history[0] is the evaluation before boosting, then one
+    record per stage with its patterns, epochs and evaluation.
+  """
+  from ensembling import train  # local: train imports this package's siblings
+
+  k = tree_lib.num_members(state_K["step"])
+  history = [{"stage": 0, "patterns": None, "epochs": 0,
+              **({n: np.asarray(v).tolist() for n, v in eval_fn(state_K).items()}
+                 if eval_fn else {})}]
+  for s, (patterns, epochs) in enumerate(stages, start=1):
+    batch_fn, spe = train.make_batch_fn(x, y, seed=seed + 1000 * s, batch_size=batch_size,
+                                        num_members=k)
+    steps = spe * int(epochs)
+    params0 = tree_lib.index(state_K["params"], 0)
+    tx = train_only(make_tx(steps), params0, patterns)
+    opt_state = jax.jit(jax.vmap(tx.init))(state_K["params"])
+    state_K = {**state_K, "opt_state": opt_state, "step": jnp.zeros_like(state_K["step"])}
+    step_fn = members.ensemble_step(apply_fn=apply_fn, tx=tx, num_members=k,
+                                    strategy=strategy, loss_fn=loss_fn,
+                                    step_fn=frozen_stats_step)
+    if steps:
+      state_K, _, _ = train.fit(state_K, step_fn=step_fn, batch_fn=batch_fn, num_steps=steps,
+                                key=jax.random.key(seed + s), progress=progress,
+                                desc=f"boost {patterns}")
+    rec = {"stage": s, "patterns": patterns, "epochs": int(epochs)}
+    if eval_fn:
+      rec.update({n: np.asarray(v).tolist() for n, v in eval_fn(state_K).items()})
+    history.append(rec)
+  return state_K, history
+
+
+# --------------------------------------------------------------------------- loss statistics
+
+def loss_quantiles(probs_NxC, labels_N, *, quantiles=(0.9, 0.95)) -> dict[str, float]:
+  """Per-example cross-entropy statistics of the thesis's "loss dilemma" (Table 5).
+
+  Returns accuracy, loss mean/std and the requested percentiles of the per-example
+  loss -log p(y) (probabilities clipped at 1e-12).
+  """
+  probs = np.asarray(probs_NxC, np.float64)
+  labels = np.asarray(labels_N)
+  if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+    raise ValueError(f"Expected probs (N, C) and labels (N,), got {probs.shape} and "
+                     f"{labels.shape}.")
+  loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0))
+  out = {"accuracy": float(np.mean(probs.argmax(-1) == labels)),
+         "loss_mean": float(loss.mean()), "loss_std": float(loss.std())}
+  for q in quantiles:
+    out[f"loss_p{int(round(q * 100))}"] = float(np.quantile(loss, q))
+  return out
