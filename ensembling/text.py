@@ -161,7 +161,7 @@ def frozen_optimizer(tx: optax.GradientTransformation, params: PyTree,
 
 def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
                    sentences: Sequence[str], *, pooling: str = "mean", max_length: int,
-                   batch_size: int = 64, shared_layers: int = 0, bucket: int = 8
+                   batch_size: int = 64, shared_layers: int = 0, bucket: int = 16
                    ) -> np.ndarray:
   """Pooled embeddings (K, N, D) of `sentences` for K stacked BERT members (inference).
 

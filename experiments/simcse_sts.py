@@ -172,7 +172,7 @@ def _run(config, workdir: str) -> dict:
                  num_eval_sentences=len(all_sents), num_train_sentences=len(sentences))
   report.write_json(os.path.join(workdir, "results.json"), results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# SimCSE on STS: Spearman x 100 of cosine similarity ({os.path.basename(path)})\n\n")
+    f.write(f"# SimCSE on STS: Spearman x 100 of cosine similarity ({config.model.path})\n\n")
     f.write(report.markdown_table(rows, columns, digits=2))
     f.write(f"\n{config.members} members per augmentation, {config.steps} steps x "
             f"{config.batch_size} sentences, trained {list(config.model.trainable) or 'all'}, "
