@@ -2,8 +2,12 @@
 
     python benchmarks/simcse_prng.py                       # all-MiniLM-L6-v2 if installed
     python benchmarks/simcse_prng.py --model=tiny --steps=5
+    python benchmarks/simcse_prng.py --batch_size=16 --trainable='^layer_[45]/' \
+        --members=3 --strategies=vmap,loop --impls=threefry2x32
 
-Prints one JSON object per (prng_impl, members) with the median step time in seconds.
+Prints one JSON object per (prng_impl, members, strategy) with the median step time in
+seconds (strategy: members.over_members; "loop" = one jitted member step per member).
+
 The PRNG is chosen per key (`jax.random.key(seed, impl=...)`), which is what
 `config.prng_impl` does globally inside `experiments.simcse_sts.run`.
 """
@@ -43,6 +47,8 @@ def main():
   p.add_argument("--members", default="1,3")
   p.add_argument("--impls", default="threefry2x32,rbg,unsafe_rbg")
   p.add_argument("--steps", type=int, default=6)
+  p.add_argument("--strategies", default="vmap")
+  p.add_argument("--trainable", default="", help="comma-separated regexes; empty: all")
   a = p.parse_args()
   tmp = tempfile.mkdtemp()
   path = tiny_model_dir(tmp) if a.model == "tiny" else bert.resolve_model_path(a.model)
@@ -54,12 +60,13 @@ def main():
   ids = rng.integers(1000 % cfg.vocab_size, cfg.vocab_size, (a.batch_size, a.max_length),
                      dtype=np.int32)
   ids[:, 0] = 1
-  tx = optax.adamw(1e-5)
-  for k in map(int, a.members.split(",")):
+  tx, mask = text.frozen_optimizer(optax.adamw(1e-5), params["params"],
+                                   [t for t in a.trainable.split(",") if t])
+  for k, strategy in [(int(k), s) for k in a.members.split(",") for s in a.strategies.split(",")]:
     state = members.init_states(jax.tree.map(lambda x: jnp.stack([x] * k), params), tx)
     batch = {"a": jnp.asarray(np.stack([ids] * k)), "b": jnp.asarray(np.stack([ids] * k))}
-    step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy="vmap",
-                                 step_fn=text.simcse_step,
+    step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy=strategy,
+                                 step_fn=functools.partial(text.simcse_step, trainable=mask),
                                  loss_fn=functools.partial(losses.info_nce, temperature=0.05))
     for impl in a.impls.split(","):
       keys = jax.random.split(jax.random.key(0, impl=impl), k)
@@ -73,7 +80,8 @@ def main():
         state, m = step(state, batch, members.step_keys(keys, s))
         jax.block_until_ready(m)
         times.append(time.time() - t0)
-      print(json.dumps({"model": a.model, "prng_impl": impl, "members": k,
+      print(json.dumps({"model": a.model, "prng_impl": impl, "members": k, "strategy": strategy,
+                        "trainable": a.trainable or "all",
                         "batch_size": a.batch_size, "max_length": a.max_length,
                         "median_step_s": round(float(np.median(times)), 4),
                         "per_member_step_s": round(float(np.median(times)) / k, 4),
