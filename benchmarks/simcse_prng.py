@@ -39,6 +39,25 @@ def tiny_model_dir(tmp):
   return tmp
 
 
+def time_masks(a):
+  """Bernoulli draws of one SimCSE step of all-MiniLM-L6-v2 (2B sequences): the hidden
+  dropouts (embeddings + 2 per layer, hidden 384) and attention-probability dropout
+  (12 heads, 6 layers), timed alone per PRNG implementation."""
+  seqs, l = 2 * a.batch_size, a.max_length
+  n = seqs * l * (384 * 13 + 12 * l * 6)
+  for impl in a.impls.split(","):
+    f = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (n,)).sum())
+    key = jax.random.key(0, impl=impl)
+    jax.block_until_ready(f(key))
+    times = []
+    for s in range(a.steps):
+      t0 = time.time()
+      jax.block_until_ready(f(jax.random.fold_in(key, s)))
+      times.append(time.time() - t0)
+    print(json.dumps({"what": "dropout masks only", "prng_impl": impl, "draws": n,
+                      "median_s": round(float(np.median(times)), 4)}), flush=True)
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="minilm", help="minilm | tiny | a model folder")
@@ -49,7 +68,11 @@ def main():
   p.add_argument("--steps", type=int, default=6)
   p.add_argument("--strategies", default="vmap")
   p.add_argument("--trainable", default="", help="comma-separated regexes; empty: all")
+  p.add_argument("--masks_only", action="store_true",
+                 help="time only the dropout masks one step draws (per impl), no model step")
   a = p.parse_args()
+  if a.masks_only:
+    return time_masks(a)
   tmp = tempfile.mkdtemp()
   path = tiny_model_dir(tmp) if a.model == "tiny" else bert.resolve_model_path(a.model)
   cfg = bert.bert_config_from_dir(path)
