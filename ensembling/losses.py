@@ -122,3 +122,36 @@ def arcface_loss_from_logits(logits_BxC: jax.Array, labels_B: jax.Array, *,
   be the head's scale.
   """
   return arcface_loss_from_cosines(logits_BxC / scale, labels_B, scale=scale, margin=margin)
+
+
+# --------------------------------------------------------------------------- SimCSE
+
+def info_nce(z1_BxD: jax.Array, z2_BxD: jax.Array, *, temperature: float = 0.05,
+             symmetric: bool = False) -> jax.Array:
+  """InfoNCE / SimCSE loss: row i of `z1` should match row i of `z2` among all rows.
+
+  Both inputs are L2-normalised, `sim[i, j] = cos(z1_i, z2_j) / temperature`, and the loss
+  is the mean cross-entropy of the diagonal: `-mean_i log softmax_j(sim[i])[i]`. In
+  unsupervised SimCSE `z1`, `z2` are the same sentences encoded with two dropout masks, so
+  the other sentences of the batch are the negatives.
+
+  Args:
+    z1_BxD: anchors (B, D).
+    z2_BxD: positives (B, D), same order as `z1_BxD`.
+    temperature: softmax temperature (SimCSE: 0.05).
+    symmetric: also add the z2 -> z1 direction and average the two.
+
+  Returns:
+    The scalar loss.
+  """
+  if z1_BxD.ndim != 2 or z1_BxD.shape != z2_BxD.shape:
+    raise ValueError(f"info_nce expects two (B, D) arrays of the same shape, got "
+                     f"{z1_BxD.shape} and {z2_BxD.shape}.")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be positive, got {temperature}.")
+  sim = l2_normalize(z1_BxD, eps=1e-8) @ l2_normalize(z2_BxD, eps=1e-8).T / temperature
+  labels = jnp.arange(sim.shape[0])
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(sim, labels))
+  if symmetric:
+    loss = 0.5 * (loss + jnp.mean(optax.softmax_cross_entropy_with_integer_labels(sim.T, labels)))
+  return loss

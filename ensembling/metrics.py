@@ -164,3 +164,28 @@ def mean_precision_at_k(query_emb_QxD, query_labels_Q, index_emb_NxD, index_labe
 def _top_k_fn(k: int):
   import jax
   return jax.jit(lambda a, b: jax.lax.top_k(a @ b.T, k)[1])
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks; tied values share the mean of the ranks they occupy."""
+  values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  first = np.cumsum(counts) - counts  # 0-based position where each distinct value starts
+  return (first + (counts + 1) / 2.0)[inverse.reshape(-1)]
+
+
+def spearman(x_N, y_N) -> float:
+  """Spearman's rank correlation: Pearson correlation of the average ranks (ties averaged).
+
+  Returns NaN when either input is constant. Raises on shape mismatch or NaN inputs.
+  """
+  x = np.asarray(x_N, np.float64)
+  y = np.asarray(y_N, np.float64)
+  if x.ndim != 1 or x.shape != y.shape or len(x) < 2:
+    raise ValueError(f"spearman expects two 1-d arrays of the same length >= 2, got "
+                     f"{x.shape} and {y.shape}.")
+  if np.isnan(x).any() or np.isnan(y).any():
+    raise ValueError("spearman got NaN values.")
+  rx, ry = _average_ranks(x), _average_ranks(y)
+  rx -= rx.mean()
+  ry -= ry.mean()
+  denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+  return float((rx * ry).sum() / denom) if denom > 0 else float("nan")

@@ -1,0 +1,390 @@
+"""Sentence encoders: SimCSE training steps, augmentations, encoding, STS scoring, alignment.
+
+The pieces of seed 000's NLP experiment, as plain functions:
+
+- `simcse_step`: one member's contrastive step (two views of a batch in one forward pass,
+  `losses.info_nce` on the pooled features); `members.ensemble_step(step_fn=simcse_step,
+  loss_fn=partial(losses.info_nce, temperature=...))` runs K members vmapped.
+- `delete_words` / `make_simcse_batch_fn`: the two augmentations, "dropout" (the same
+  sentence twice; only dropout differs) and "delete" (the second view loses random words;
+  dropout still applies to both).
+- `encode_members`: embeddings of a list of sentences for K stacked members, batched by
+  length so that short sentences are not padded to the maximum; frozen bottom layers
+  shared by all members run once.
+- `sts_spearman`: Spearman x 100 of cosine similarity against gold scores, per subset and
+  over all subsets of a task concatenated ("all", the SimCSE setting).
+- `fit_linear_adapter` / `align_members` / `average_embeddings`: the naive ensemble (mean of
+  normalised embeddings) and the aligned one (the best encoder's space is shared; every
+  other encoder gets a linear layer, fitted on unlabelled sentences, that maps it there).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ensembling import data, losses, metrics
+from ensembling import tree as tree_lib
+from ensembling.data.sts import STSPairs
+from ensembling.models import bert
+
+PyTree = Any
+AUGMENTATIONS = ("dropout", "delete")
+ADAPTER_METHODS = ("lstsq", "procrustes", "info_nce")
+
+
+# --------------------------------------------------------------------------- augmentations
+
+def delete_words(sentence: str, *, rate: float, rng: np.random.Generator) -> str:
+  """Drops each whitespace-separated word with probability `rate`; keeps at least one."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"Word deletion rate must be in [0, 1), got {rate}.")
+  words = sentence.split()
+  if len(words) <= 1:
+    return sentence
+  keep = rng.random(len(words)) >= rate
+  if not keep.any():
+    keep[rng.integers(len(words))] = True
+  return " ".join(w for w, k in zip(words, keep) if k)
+
+
+def make_simcse_batch_fn(sentences: Sequence[str], tokenizer, *, seed: int, batch_size: int,
+                         num_members: int, max_length: int, augmentation: str = "dropout",
+                         delete_rate: float = 0.1) -> tuple[Callable[[int], dict], int]:
+  """`batch_fn(step) -> {"a": (K, B, L), "b": (K, B, L)}` token ids, and steps per epoch.
+
+  Each member has its own shuffle per epoch (`data.member_batch_indices`). View "a" is the
+  sentence; view "b" is the same ids ("dropout") or the sentence with words deleted with
+  probability `delete_rate` ("delete", seeded by (seed, step, member), so a resumed run
+  sees the same batches). L is always `max_length` (one compiled shape).
+  """
+  if augmentation not in AUGMENTATIONS:
+    raise ValueError(f"Unknown augmentation {augmentation!r}; choose one of {AUGMENTATIONS}.")
+  if len(sentences) < batch_size:
+    raise ValueError(f"Need at least batch_size={batch_size} sentences, got {len(sentences)}.")
+  sentences = list(sentences)
+  ids_all = bert.tokenize(tokenizer, sentences, max_length=max_length)
+  steps_per_epoch = data.num_steps_per_epoch(len(sentences), batch_size)
+  cache: dict[int, np.ndarray] = {}
+
+  def batch_fn(step: int) -> dict:
+    epoch, s = divmod(int(step), steps_per_epoch)
+    if epoch not in cache:
+      cache.clear()
+      cache[epoch] = data.member_batch_indices(seed, epoch, num_examples=len(sentences),
+                                               batch_size=batch_size, num_members=num_members)
+    idx = cache[epoch][s]  # (K, B)
+    a = ids_all[idx]
+    if augmentation == "dropout":
+      return {"a": a, "b": a}
+    b = np.empty_like(a)
+    for k in range(num_members):
+      rng = np.random.default_rng((seed, int(step), k))
+      views = [delete_words(sentences[i], rate=delete_rate, rng=rng) for i in idx[k]]
+      b[k] = bert.tokenize(tokenizer, views, max_length=max_length)
+    return {"a": a, "b": b}
+
+  return batch_fn, steps_per_epoch
+
+
+# --------------------------------------------------------------------------- training step
+
+def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
+                apply_fn: Callable, tx: optax.GradientTransformation,
+                loss_fn: Callable = losses.info_nce,
+                trainable: PyTree | None = None) -> tuple[dict, dict]:
+  """One SimCSE step of one member (same signature as `members.train_step`).
+
+  Args:
+    state: the member's state dict (params, batch_stats={}, opt_state, step).
+    batch: {"a": (B, L), "b": (B, L)} token ids of the two views.
+    key: dropout PRNG key.
+    apply_fn: `Bert.apply`; the pooled `features` are the embeddings.
+    tx: optax transformation.
+    loss_fn: `(z1, z2) -> scalar`, e.g. `partial(losses.info_nce, temperature=0.05)`.
+    trainable: optional tree of bools like the params (`tree.path_mask`); False leaves
+      are wrapped in `stop_gradient`, so no gradient work is done for them or for the
+      layers below the lowest trainable one (pair it with an optimizer that freezes
+      them, see `frozen_optimizer`).
+
+  Returns:
+    (new state, {"loss", "accuracy" (the positive is the most similar row), "grad_norm"}).
+  """
+  a, b = batch["a"], batch["b"]
+  if a.shape != b.shape:
+    raise ValueError(f"Views must have the same shape, got {a.shape} and {b.shape}.")
+  n = a.shape[0]
+
+  def loss_of(params):
+    if trainable is not None:
+      params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
+                            trainable)
+    # Both views in one pass: different rows get independent dropout masks.
+    z = apply_fn({"params": params}, jnp.concatenate([a, b]), train=True,
+                 rngs={"dropout": key}).features
+    return loss_fn(z[:n], z[n:]), z
+
+  (loss, z), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  z1, z2 = z[:n], z[n:]
+  sim = z1 @ z2.T / (jnp.linalg.norm(z1, axis=-1, keepdims=True)
+                     * jnp.linalg.norm(z2, axis=-1)[None, :])
+  new_state = {**state, "params": optax.apply_updates(state["params"], updates),
+               "opt_state": opt_state, "step": state["step"] + 1}
+  return new_state, {"loss": loss,
+                     "accuracy": jnp.mean(jnp.argmax(sim, -1) == jnp.arange(n)),
+                     "grad_norm": optax.global_norm(grads)}
+
+
+def frozen_optimizer(tx: optax.GradientTransformation, params: PyTree,
+                     trainable_patterns: Sequence[str]) -> tuple[optax.GradientTransformation, PyTree]:
+  """`tx` on parameters whose "a/b/c" name matches a regex, frozen (no state) elsewhere.
+
+  Returns (the partitioned optimizer, the trainable mask for `simcse_step`). An empty
+  pattern list trains everything.
+  """
+  if not trainable_patterns:
+    return tx, None
+  mask = tree_lib.path_mask(params, list(trainable_patterns))
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"No parameter matches the trainable patterns {list(trainable_patterns)}.")
+  labels = jax.tree.map(lambda t: "train" if t else "freeze", mask)
+  return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels), mask
+
+
+# --------------------------------------------------------------------------- encoding
+
+def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
+                   sentences: Sequence[str], *, pooling: str = "mean", max_length: int,
+                   batch_size: int = 64, shared_layers: int = 0, bucket: int = 16
+                   ) -> np.ndarray:
+  """Pooled embeddings (K, N, D) of `sentences` for K stacked BERT members (inference).
+
+  Sentences are sorted by token length and batched, each batch padded to a multiple of
+  `bucket` tokens; the result is returned in the input order.
+
+  Args:
+    params_K: the members' `Bert` params (without the "params" key), stacked on axis 0.
+    cfg: their architecture.
+    tokenizer: the members' tokenizer.
+    sentences: N sentences.
+    pooling: "mean" | "cls".
+    max_length: truncation in tokens.
+    batch_size: sentences per forward pass.
+    shared_layers: when the members share the embeddings and layers [0, shared_layers)
+      (e.g. only the top layers were fine-tuned), those are run once per batch with
+      member 0's weights and only the rest per member. Checked: sharing must be exact.
+    bucket: lengths are rounded up to a multiple of this.
+  """
+  k = jax.tree.leaves(params_K)[0].shape[0]
+  if shared_layers:
+    shared = ["embeddings"] + [f"layer_{i}" for i in range(shared_layers)]
+    for name in shared:
+      for leaf in jax.tree.leaves(params_K[name]):
+        leaf = np.asarray(leaf)
+        if not (leaf == leaf[:1]).all():
+          raise ValueError(f"shared_layers={shared_layers} but members differ in {name!r}.")
+    base = jax.tree.map(lambda x: x[0], {n: params_K[n] for n in shared})
+    top = {n: v for n, v in params_K.items() if n not in shared}
+  else:
+    base, top = {}, params_K
+  ids = bert.tokenize(tokenizer, sentences, max_length=max_length)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  lengths = (ids != pad_id).sum(1)
+  order = np.argsort(lengths, kind="stable")
+  fwd = _encode_fn(cfg, pooling, shared_layers)
+  chunks = []
+  for start in range(0, len(order), batch_size):
+    sel = order[start:start + batch_size]
+    length = int(min(max_length, -(-max(int(lengths[sel].max()), 1) // bucket) * bucket))
+    xb = ids[sel, :length]
+    pad = batch_size - len(sel)
+    if pad and len(order) > batch_size:  # keep one batch shape per length bucket
+      xb = np.concatenate([xb, np.full((pad, length), pad_id, xb.dtype)])
+    chunks.append(np.asarray(fwd(base, top, jnp.asarray(xb)))[:, :len(sel)])
+  emb = np.concatenate(chunks, axis=1)
+  result = np.empty_like(emb)
+  result[:, order] = emb
+  return result
+
+
+@functools.lru_cache(maxsize=16)
+def _encode_fn(cfg, pooling, shared_layers):
+  def fwd(base, top_K, ids):
+    if shared_layers:
+      h = bert.hidden_states(base, cfg, ids, stop=shared_layers)
+    else:
+      h = None
+    def one(top):
+      if h is None:
+        return bert.Bert(cfg, pooling=pooling).apply({"params": top}, ids, train=False).features
+      return bert.encode_from(top, cfg, h, ids, start=shared_layers, pooling=pooling)
+    return jax.vmap(one)(top_K)
+  return jax.jit(fwd)
+
+
+# --------------------------------------------------------------------------- STS scoring
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit L2 norm."""
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def unique_sentences(tasks: Mapping[str, Mapping[str, STSPairs]]) -> list[str]:
+  """Every distinct sentence of the given STS tasks, sorted (encode these once)."""
+  out = set()
+  for subsets in tasks.values():
+    for pairs in subsets.values():
+      out.update(pairs.sentences1)
+      out.update(pairs.sentences2)
+  return sorted(out)
+
+
+def sts_spearman(tasks: Mapping[str, Mapping[str, STSPairs]], index: Mapping[str, int],
+                 emb_NxD: np.ndarray) -> dict[str, dict]:
+  """Spearman x 100 between cosine similarity and the gold scores.
+
+  Args:
+    tasks: {task: {subset: STSPairs}} (`data.sts.load_sts_tasks`).
+    index: sentence -> row of `emb_NxD`.
+    emb_NxD: one embedding per indexed sentence.
+
+  Returns:
+    {task: {"all": Spearman over all subsets concatenated (the SimCSE "all" setting),
+            "mean": unweighted mean of the subsets, "subsets": {name: value}}}.
+  """
+  emb = normalize(emb_NxD)
+  out = {}
+  for task, subsets in tasks.items():
+    per, preds, golds = {}, [], []
+    for name, pairs in subsets.items():
+      i1 = np.fromiter((index[s] for s in pairs.sentences1), int, len(pairs))
+      i2 = np.fromiter((index[s] for s in pairs.sentences2), int, len(pairs))
+      cos = np.sum(emb[i1] * emb[i2], axis=-1)
+      per[name] = 100.0 * metrics.spearman(cos, pairs.scores)
+      preds.append(cos)
+      golds.append(pairs.scores)
+    out[task] = {"all": 100.0 * metrics.spearman(np.concatenate(preds), np.concatenate(golds)),
+                 "mean": float(np.mean(list(per.values()))), "subsets": per}
+  return out
+
+
+# --------------------------------------------------------------------------- ensembles
+
+def average_embeddings(emb_KxNxD: np.ndarray, *, weights: Sequence[float] | None = None
+                       ) -> np.ndarray:
+  """The (weighted) mean of the members' L2-normalised embeddings: (N, D)."""
+  emb = normalize(emb_KxNxD)
+  if weights is None:
+    return emb.mean(0)
+  w = np.asarray(weights, np.float64)
+  if w.shape != (emb.shape[0],):
+    raise ValueError(f"Need one weight per member ({emb.shape[0]}), got shape {w.shape}.")
+  return np.tensordot(w / w.sum(), emb, axes=1)
+
+
+def apply_linear_adapter(adapter: Mapping[str, np.ndarray], x_NxD: np.ndarray) -> np.ndarray:
+  """x @ kernel + bias."""
+  return np.asarray(x_NxD) @ np.asarray(adapter["kernel"]) + np.asarray(adapter["bias"])
+
+
+def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
+                       method: str = "lstsq", l2: float = 1e-3, steps: int = 300,
+                       learning_rate: float = 1e-3, batch_size: int = 256,
+                       temperature: float = 0.05, seed: int = 0) -> dict[str, np.ndarray]:
+  """A linear map from one encoder's (normalised) embeddings into a fixed target space.
+
+  The target encoder and the source encoder are frozen; only the map is fitted, on the
+  same unlabelled sentences encoded by both.
+
+  Args:
+    source_NxD: the encoder to align (rows are L2-normalised inside).
+    target_NxE: the shared space's embeddings of the same N sentences (normalised inside).
+    method: "lstsq" (ridge regression with bias, closed form), "procrustes" (orthogonal
+      map, no bias, closed form; needs D == E) or "info_nce" (cross-model contrastive:
+      the mapped sentence must be closest to its own target among the batch; Adam from
+      the ridge solution).
+    l2: ridge penalty (relative to N) for "lstsq" and the "info_nce" initialisation.
+    steps, learning_rate, batch_size, temperature, seed: for "info_nce".
+
+  Returns:
+    {"kernel": (D, E), "bias": (E,)} float32, for `apply_linear_adapter`.
+  """
+  if method not in ADAPTER_METHODS:
+    raise ValueError(f"Unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}.")
+  x, y = normalize(source_NxD), normalize(target_NxE)
+  if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+    raise ValueError(f"Expected source (N, D) and target (N, E) with the same N, got "
+                     f"{x.shape} and {y.shape}.")
+  n, d = x.shape
+  if method == "procrustes":
+    if d != y.shape[1]:
+      raise ValueError(f"Procrustes needs equal dimensions, got {d} and {y.shape[1]}.")
+    u, _, vt = np.linalg.svd(x.T @ y)
+    return {"kernel": (u @ vt).astype(np.float32), "bias": np.zeros(d, np.float32)}
+  xa = np.concatenate([x, np.ones((n, 1))], axis=1)
+  reg = l2 * n * np.eye(d + 1)
+  reg[-1, -1] = 0.0  # no penalty on the bias
+  sol = np.linalg.solve(xa.T @ xa + reg, xa.T @ y)
+  adapter = {"kernel": sol[:-1].astype(np.float32), "bias": sol[-1].astype(np.float32)}
+  if method == "lstsq":
+    return adapter
+  return _fit_info_nce_adapter(adapter, x.astype(np.float32), y.astype(np.float32),
+                               steps=steps, learning_rate=learning_rate,
+                               batch_size=min(batch_size, n), temperature=temperature,
+                               seed=seed)
+
+
+def _fit_info_nce_adapter(init, x, y, *, steps, learning_rate, batch_size, temperature, seed):
+  tx = optax.adam(learning_rate)
+  params = jax.tree.map(jnp.asarray, init)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    loss, g = jax.value_and_grad(
+        lambda p: losses.info_nce(xb @ p["kernel"] + p["bias"], yb, temperature=temperature)
+    )(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    idx = rng.choice(len(x), size=batch_size, replace=False)
+    params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+
+
+def align_members(emb_KxNxD: np.ndarray, *, anchor: int, **fit_kwargs
+                  ) -> list[dict[str, np.ndarray] | None]:
+  """Fits one adapter per member into member `anchor`'s space (None for the anchor).
+
+  `emb_KxNxD` are all members' embeddings of the same unlabelled fitting sentences;
+  `fit_kwargs` go to `fit_linear_adapter`.
+  """
+  k = emb_KxNxD.shape[0]
+  if not 0 <= anchor < k:
+    raise ValueError(f"anchor must index one of the {k} members, got {anchor}.")
+  return [None if m == anchor else
+          fit_linear_adapter(emb_KxNxD[m], emb_KxNxD[anchor], **fit_kwargs)
+          for m in range(k)]
+
+
+def aligned_embeddings(emb_KxNxD: np.ndarray, adapters: Sequence[Mapping | None]
+                       ) -> np.ndarray:
+  """Every member's normalised embeddings mapped into the shared space: (K, N, E).
+
+  A member with adapter None is the anchor and is kept as is.
+  """
+  if len(adapters) != emb_KxNxD.shape[0]:
+    raise ValueError(f"Need one adapter (or None) per member: {emb_KxNxD.shape[0]} members, "
+                     f"{len(adapters)} adapters.")
+  emb = normalize(emb_KxNxD)
+  return np.stack([e if a is None else apply_linear_adapter(a, e)
+                   for e, a in zip(emb, adapters)])
