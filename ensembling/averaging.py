@@ -246,7 +246,7 @@ def recompute_batch_stats(apply_fn: Callable, variables: PyTree, batches: Iterab
     running = stats if running is None else jax.tree.map(
         lambda r, s: r + (s - r) / n, running, stats)
   if running is None:
-    raise ValueError("recompute_batch_stats needs at least one batch, got none.")
+    raise ValueError("recompute_batch_stats needs at least one batch, got no batches.")
   return {**variables, "batch_stats": running}
 
 
