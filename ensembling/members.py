@@ -20,12 +20,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ensembling import im2col as im2col_lib
 from ensembling import losses
 from ensembling import tree as tree_lib
 
 PyTree = Any
 State = dict[str, Any]
-STRATEGIES = ("auto", "vmap", "unroll", "map", "loop")
+STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "im2col", "unroll_im2col")
 MEMBER_AXIS = "members"
 
 
@@ -151,7 +152,7 @@ def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   if strategy != "auto":
     return strategy
   if jax.default_backend() == "cpu" and jax.device_count() == 1 and has_convolutions(params_K):
-    return "unroll"
+    return "unroll_im2col"
   return "vmap"
 
 
@@ -162,8 +163,15 @@ def over_members(fn: Callable, *, strategy: str, num_members: int,
   Strategies: 'vmap' (jit(vmap(fn))), 'unroll' (a Python loop over members traced
   into one jit: K separate computations in one program), 'map' (`jax.lax.map` over
   members inside jit), 'loop' (a Python loop of a jitted one-member function, outside
-  jit). All return outputs stacked on axis 0 and compute the same values.
+  jit). 'im2col' and 'unroll_im2col' are 'vmap' and 'unroll' of `fn` with its
+  convolutions (forward and gradients) rewritten as slices + matrix products
+  (`im2col.convs_as_matmuls`): under vmap these become batched matmuls instead of
+  grouped convolutions. All return outputs stacked on axis 0 and compute the same
+  values (up to float32 summation order).
   """
+  if strategy in ("im2col", "unroll_im2col"):
+    fn = im2col_lib.convs_as_matmuls(fn)
+    strategy = "vmap" if strategy == "im2col" else "unroll"
   if strategy == "vmap":
     return jax.jit(jax.vmap(fn), donate_argnums=donate)
   if strategy == "map":
