@@ -196,15 +196,22 @@ def main(argv=None):
   for n in order:  # one untimed warm-up window each
     fns[n]()
   times = {n: [] for n in order}
+  cpu_times = {n: [] for n in order}
   for w in range(args.windows):
     rot = order[w % len(order):] + order[: w % len(order)]
     for n in rot:
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       fns[n]()
       times[n].append(time.perf_counter() - t0)
+      cpu_times[n].append(time.process_time() - c0)
 
   samples = k * b * steps
   mm_times = times.pop("matmul")
+  cpu_times.pop("matmul")
+  # Member-samples per CPU-second of this process (all its threads): less sensitive
+  # to other processes on a shared machine than wall-clock rates, but it counts
+  # threads that spin while waiting.
+  cpu_rate = {n: samples / statistics.median(t) for n, t in cpu_times.items()}
   rate = {n: samples / statistics.median(t) for n, t in times.items()}
   # The matmul roofline is timed inside the same windows (interleaved), and the
   # standalone measurement below is taken on its own at the end; report both.
@@ -235,6 +242,7 @@ def main(argv=None):
       "parallel_gflops": round(rate["auto"] * flops["with_input_grad"] / 1e9, 1),
       "parallel_roofline_fraction": round(rate["auto"] * flops["with_input_grad"] / 1e9
                                           / gflops, 3),
+      "member_samples_per_cpu_s": {n: round(r, 1) for n, r in cpu_rate.items()},
       "compile_s": {n: round(t, 1) for n, t in compile_s.items()},
       "window_s": {n: [round(t, 3) for t in ts] for n, ts in times.items()},
       "matmul_window_s": [round(t, 3) for t in mm_times],
