@@ -142,10 +142,13 @@ def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   """Picks the member-parallel strategy; 'auto' depends on backend and model.
 
-  Measured on a 2-core CPU (benchmarks/README.md): vmap is as fast as a loop for dense
-  layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs ~4x
-  slower than K separate ones; 'unroll' (K one-member steps traced into one jit) keeps
-  them separate. On accelerators, and with several devices, vmap is the default.
+  Measured on a 2-core CPU (benchmarks/README.md): vmap is about as fast as a loop for
+  dense layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs
+  ~4x slower than K separate ones. On one CPU device, models with convolutions get
+  'unroll_im2col' (K one-member steps traced into one jit, convolutions rewritten as
+  slices + matmuls, which XLA:CPU hands to its matmul library while its own
+  convolutions are slow). On accelerators, and with several devices (the member axis
+  sharded), 'vmap' is the default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
