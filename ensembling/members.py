@@ -20,12 +20,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ensembling import im2col as im2col_lib
 from ensembling import losses
 from ensembling import tree as tree_lib
 
 PyTree = Any
 State = dict[str, Any]
-STRATEGIES = ("auto", "vmap", "unroll", "map", "loop")
+STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "im2col", "unroll_im2col")
 MEMBER_AXIS = "members"
 
 
@@ -141,10 +142,13 @@ def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   """Picks the member-parallel strategy; 'auto' depends on backend and model.
 
-  Measured on a 2-core CPU (benchmarks/README.md): vmap is as fast as a loop for dense
-  layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs ~4x
-  slower than K separate ones; 'unroll' (K one-member steps traced into one jit) keeps
-  them separate. On accelerators, and with several devices, vmap is the default.
+  Measured on a 2-core CPU (benchmarks/README.md): vmap is about as fast as a loop for
+  dense layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs
+  ~4x slower than K separate ones. On one CPU device, models with convolutions get
+  'unroll' (K one-member steps traced into one jit, run one after the other): 1.25x the
+  loop at K=8 where 'unroll_im2col' was no faster and compiles 3x longer. On
+  accelerators, and with several devices (the member axis sharded), 'vmap' is the
+  default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -160,17 +164,31 @@ def over_members(fn: Callable, *, strategy: str, num_members: int,
   """Makes `fn(*args)` (one member) run on args stacked on a member axis.
 
   Strategies: 'vmap' (jit(vmap(fn))), 'unroll' (a Python loop over members traced
-  into one jit: K separate computations in one program), 'map' (`jax.lax.map` over
+  into one jit: K separate computations in one program, chained with
+  `optimization_barrier` so that XLA runs them one at a time instead of interleaving
+  them, which was 0.8x a loop unchained and 1.25x chained for a CNN at K=8), 'map' (`jax.lax.map` over
   members inside jit), 'loop' (a Python loop of a jitted one-member function, outside
-  jit). All return outputs stacked on axis 0 and compute the same values.
+  jit). 'im2col' and 'unroll_im2col' are 'vmap' and 'unroll' of `fn` with its
+  convolutions (forward and gradients) rewritten as slices + matrix products
+  (`im2col.convs_as_matmuls`): under vmap these become batched matmuls instead of
+  grouped convolutions. All return outputs stacked on axis 0 and compute the same
+  values (up to float32 summation order).
   """
+  if strategy in ("im2col", "unroll_im2col"):
+    fn = im2col_lib.convs_as_matmuls(fn)
+    strategy = "vmap" if strategy == "im2col" else "unroll"
   if strategy == "vmap":
     return jax.jit(jax.vmap(fn), donate_argnums=donate)
   if strategy == "map":
     return jax.jit(lambda *a: jax.lax.map(lambda t: fn(*t), a), donate_argnums=donate)
   if strategy == "unroll":
     def unrolled(*args):
-      outs = [fn(*jax.tree.map(lambda x: x[k], args)) for k in range(num_members)]
+      outs = []
+      for k in range(num_members):
+        args_k = jax.tree.map(lambda x: x[k], args)
+        if outs:  # member k starts after member k-1 is done: one at a time, in cache
+          args_k, _ = jax.lax.optimization_barrier((args_k, outs[-1]))
+        outs.append(fn(*args_k))
       return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return jax.jit(unrolled, donate_argnums=donate)
   if strategy == "loop":
