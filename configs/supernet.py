@@ -33,6 +33,9 @@ def supernet_block(**overrides) -> ml_collections.ConfigDict:
       head_batch_size=128,
       head_optimizer="adam",        # adam | sgd (a fresh optimizer, as in the thesis)
       head_lr=1e-3,
+      head_dropout=0.0,             # feature dropout while training the head (the members'
+                                    # last Dropout, active as in Keras's frozen sub-models)
+      head_select="last",           # last | val: the head of the best validation epoch
       grid_inits=("random", "copy", "copy_scaled"),  # Table 6 columns
       grid_l2=(0.0, 1e-2, 1e-3),    # Table 6 rows
       grid_scale=0.0,               # copy_scaled factor in the grid; 0 means 1/K
@@ -47,7 +50,7 @@ def supernet_block(**overrides) -> ml_collections.ConfigDict:
 def get_config(arg=None):
   a = configlib.parse_arg(arg, preset="digits", arch="mlp", members=6, epochs=0,
                           limit_train=0, boost_epochs=0, boost_members=0, head_epochs=0,
-                          noboost=False, noheads=False, runlocal=False)
+                          noboost=False, noheads=False, select="", runlocal=False)
   c = configlib.base_config()
   c.experiment = "supernet"
   c.members = a.members
@@ -67,11 +70,13 @@ def get_config(arg=None):
     raise ValueError(f"Unknown preset {a.preset!r}; use digits or fashion_mnist.")
   if a.arch == "mlp":
     c.model = configlib.model_config("mlp", widths=(200, 466, 466), dropout=0.2)
+    c.supernet.head_dropout = 0.2
   elif a.arch == "cnn":
     c.model = configlib.model_config("cnn")
     c.optim.name = "adam"
     c.optim.learning_rate = 1e-3
     c.optim.weight_decay = 1e-4
+    c.supernet.head_dropout = 0.4   # the CNN's dropout after its last pooling
     c.supernet.boost_stages = (("^head/", 3), ("^conv2_1/", 3), ("^conv2_0/", 3),
                                ("^conv1_1/", 4))
   else:
@@ -86,6 +91,8 @@ def get_config(arg=None):
     c.supernet.boost_stages = ()
   if a.head_epochs:
     c.supernet.head_epochs = a.head_epochs
+  if a.select:
+    c.supernet.head_select = a.select
   if a.limit_train:
     c.data.limit_train = a.limit_train
   if a.runlocal:

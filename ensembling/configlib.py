@@ -94,5 +94,5 @@ def base_config() -> ml_collections.ConfigDict:
       schedule="cosine",          # constant | cosine
       warmup_steps=0,
       grad_clip_norm=0.0,         # 0: off
-  ))
+  ), type_safe=False)             # so that weight_decay / lr_scale may become per-member lists
   return c

@@ -249,14 +249,31 @@ def frozen_stats_step(state, batch, key, *, apply_fn: Callable,
 
 # --------------------------------------------------------------------------- head training
 
-@functools.partial(jax.jit, static_argnames=("tx", "l2"))
-def _head_epoch(head, opt_state, features, labels, idx_SxB, *, tx, l2):
-  def body(carry, idx):
+def feature_dropout(key: jax.Array, features, rate: float):
+  """Inverted dropout on cached features: what a member's last Dropout does in training.
+
+  Each entry is zeroed with probability `rate` and the rest scaled by 1 / (1 - rate), so
+  the expectation is unchanged; `rate=0` returns the features as they are.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+  if rate == 0.0:
+    return features
+  keep = jax.random.bernoulli(key, 1.0 - rate, features.shape)
+  return jnp.where(keep, features / (1.0 - rate), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("tx", "l2", "dropout"))
+def _head_epoch(head, opt_state, features, labels, idx_SxB, key, *, tx, l2, dropout):
+  def body(carry, xs):
     h, o = carry
-    loss, grads = jax.value_and_grad(head_loss)(h, features[idx], labels[idx], l2=l2)
+    idx, k = xs
+    f = feature_dropout(k, features[idx], dropout)
+    loss, grads = jax.value_and_grad(head_loss)(h, f, labels[idx], l2=l2)
     updates, o = tx.update(grads, o, h)
     return (optax.apply_updates(h, updates), o), loss
-  (head, opt_state), losses_S = jax.lax.scan(body, (head, opt_state), idx_SxB)
+  keys = jax.random.split(key, idx_SxB.shape[0])
+  (head, opt_state), losses_S = jax.lax.scan(body, (head, opt_state), (idx_SxB, keys))
   return head, opt_state, losses_S.mean()
 
 
@@ -277,7 +294,7 @@ def head_batches(seed: int, epoch: int, *, num_examples: int, batch_size: int) -
 
 def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransformation,
              epochs: int, batch_size: int = 128, seed: int = 0, l2: float = 0.0,
-             eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
+             dropout: float = 0.0, eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
              best_by: str | None = None) -> tuple[PyTree, list[dict]]:
   """Trains only the SuperNet head on cached (frozen) features.
 
@@ -293,6 +310,11 @@ def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransfor
     batch_size: examples per step; the last incomplete batch is dropped.
     seed: data order (epoch e uses `head_batches(seed, e, ...)`).
     l2: weight of `l2_penalty` in the loss (0 disables it).
+    dropout: `feature_dropout` rate on the cached features during training (evaluation
+      sees them intact). With the members' own dropout rate this is what training a new
+      layer over frozen Keras sub-models does (their Dropout stays active in `fit`), for
+      the Dropout right before the head; the earlier layers' dropout is not replayed.
+      Epoch e's masks come from `jax.random.split(fold_in(key(seed), e), steps)`.
     eval_sets: {name: (features, labels)} evaluated after each epoch (and at epoch 0).
     best_by: e.g. "val_accuracy": return the head of the epoch with the highest value
       (ties: earliest) instead of the last one.
@@ -303,6 +325,8 @@ def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransfor
   """
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"dropout must be in [0, 1), got {dropout}.")
   feats = jnp.asarray(features_NxF, jnp.float32)
   labels = jnp.asarray(labels_N, jnp.int32)
   if feats.ndim != 2 or labels.shape != (feats.shape[0],):
@@ -325,8 +349,9 @@ def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransfor
   for epoch in range(epochs):
     idx = head_batches(seed, epoch, num_examples=feats.shape[0], batch_size=batch_size)
     t0 = time.perf_counter()
-    head, opt_state, loss = _head_epoch(head, opt_state, feats, labels, jnp.asarray(idx),
-                                        tx=tx, l2=float(l2))
+    key = jax.random.fold_in(jax.random.key(seed), epoch)
+    head, opt_state, loss = _head_epoch(head, opt_state, feats, labels, jnp.asarray(idx), key,
+                                        tx=tx, l2=float(l2), dropout=float(dropout))
     loss = float(loss)
     rec = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.perf_counter() - t0}
     if not np.isfinite(loss):

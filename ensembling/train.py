@@ -73,6 +73,52 @@ def build_state(config, splits: data.Splits, *, total_steps: int):
   return model, tx, schedule, state
 
 
+def member_fns(config, model, tx, state_K: PyTree, *, eval_x: np.ndarray, eval_y: np.ndarray,
+               **step_kwargs) -> tuple[str, Callable, Callable]:
+  """(strategy, step_fn, eval_fn) for training `state_K` as `config` asks.
+
+  The strategy is `config.members_strategy` resolved for these parameters; `step_fn` is
+  `members.ensemble_step` (extra keyword arguments, e.g. `loss_fn`, go to it); `eval_fn`
+  is `evaluate_members` on (eval_x, eval_y).
+  """
+  k = tree_lib.num_members(state_K["step"])
+  strategy = members.resolve_strategy(config.members_strategy, state_K["params"])
+  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
+                                  strategy=strategy, **step_kwargs)
+  eval_fn = lambda s: evaluate_members(model.apply, s, eval_x, eval_y, strategy=strategy,
+                                       batch_size=config.eval_batch_size)
+  return strategy, step_fn, eval_fn
+
+
+def fit_members(config, splits: data.Splits, workdir: str | None, *, desc: str = "members",
+                eval_every_epoch: bool = True):
+  """Trains the `config.members` members that `config` describes (a deep ensemble).
+
+  Each member has its own init and data order; validation metrics are logged every
+  epoch (`eval_every_epoch`) and checkpoints written every epoch unless the config says
+  otherwise, so a rerun on the same workdir resumes.
+
+  Returns (model, state_K, strategy, seconds).
+  """
+  k = int(config.members)
+  batch_fn, spe = make_batch_fn(splits.x_train, splits.y_train, seed=config.seed,
+                                batch_size=config.batch_size, num_members=k)
+  total = spe * int(config.epochs)
+  model, tx, _, state = build_state(config, splits, total_steps=total)
+  strategy, step_fn, eval_fn = member_fns(config, model, tx, state, eval_x=splits.x_val,
+                                          eval_y=splits.y_val)
+  t0 = time.perf_counter()
+  state, _, _ = fit(
+      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
+      key=jax.random.key(config.seed + 1), workdir=workdir,
+      eval_fn=eval_fn if eval_every_epoch else None,
+      eval_every=config.eval_every_steps or spe,
+      checkpoint_every=config.checkpoint_every_steps or spe,
+      progress=config.progress, desc=f"{desc}: {k} x {config.model.name} ({strategy})",
+      steps_per_epoch=spe)
+  return model, state, strategy, time.perf_counter() - t0
+
+
 def evaluate_members(apply_fn: Callable, state_K: PyTree, x: np.ndarray, y: np.ndarray, *,
                      strategy: str = "auto", batch_size: int = 1000) -> dict[str, np.ndarray]:
   """Per-member accuracy and NLL on (x, y): arrays of shape (K,)."""
@@ -141,7 +187,16 @@ def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
     if checkpoint.latest_step(mgr) is not None:
-      restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra, "window": window})
+      try:
+        restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra, "window": window})
+      except ValueError as e:
+        if "window" not in str(e):
+          raise
+        # Written before the metric window was checkpointed: the state is all there;
+        # only the first record after resuming averages fewer steps.
+        log.warning("Checkpoint has no metric window (older format); resuming without it.")
+        restored = {**checkpoint.restore(mgr, {"state": state_K, "extra": extra}),
+                    "window": window}
       state_K, extra, window = restored["state"], restored["extra"], restored["window"]
       start = int(checkpoint.latest_step(mgr))
       log.info("Resumed from step %d", start)

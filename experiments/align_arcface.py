@@ -38,12 +38,10 @@ def train_arcface(config, spec, x, y, xv, yv, *, seed: int, workdir: str):
   tx = optim.optimizer_from_config(
       config.optim, schedule=schedules.make_schedule(config.optim, total_steps=total))
   state = members.init_states(members.init_members(jax.random.key(seed), model, x[:1], 1), tx)
-  strategy = members.resolve_strategy(config.members_strategy, state["params"])
   loss_fn = functools.partial(losses.arcface_loss_from_logits, scale=config.arcface.scale,
                               margin=config.arcface.margin)
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=1,
-                                  strategy=strategy, loss_fn=loss_fn)
-  eval_fn = lambda s: train.evaluate_members(model.apply, s, xv, yv, strategy=strategy)
+  _, step_fn, eval_fn = train.member_fns(config, model, tx, state, eval_x=xv, eval_y=yv,
+                                         loss_fn=loss_fn)
   state, _, _ = train.fit(state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
                           key=jax.random.key(seed + 1), workdir=workdir, eval_fn=eval_fn,
                           eval_every=steps_per_epoch, checkpoint_every=total,

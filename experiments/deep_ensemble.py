@@ -3,7 +3,6 @@
 import logging
 import os
 
-import jax
 import numpy as np
 
 from ensembling import data, members, report, train
@@ -15,24 +14,7 @@ def run(config, workdir: str) -> dict:
     f.write(config.to_json_best_effort(indent=2))
   splits = data.load(config.data, seed=config.seed)
   k = int(config.members)
-  batch_fn, steps_per_epoch = train.make_batch_fn(
-      splits.x_train, splits.y_train, seed=config.seed, batch_size=config.batch_size,
-      num_members=k)
-  total = steps_per_epoch * int(config.epochs)
-  model, tx, _, state = train.build_state(config, splits, total_steps=total)
-  strategy = members.resolve_strategy(config.members_strategy, state["params"])
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
-                                  strategy=strategy)
-  eval_fn = lambda s: train.evaluate_members(model.apply, s, splits.x_val, splits.y_val,
-                                             strategy=strategy,
-                                             batch_size=config.eval_batch_size)
-  state, _, _ = train.fit(
-      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
-      key=jax.random.key(config.seed + 1), workdir=workdir, eval_fn=eval_fn,
-      eval_every=config.eval_every_steps or steps_per_epoch,
-      checkpoint_every=config.checkpoint_every_steps or steps_per_epoch,
-      progress=config.progress, desc=f"{k} members ({strategy})",
-      steps_per_epoch=steps_per_epoch)
+  model, state, strategy, _ = train.fit_members(config, splits, workdir)
 
   logits = members.predict(model.apply, members.variables_of(state), splits.x_test,
                            batch_size=config.eval_batch_size, strategy=strategy)

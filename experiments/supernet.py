@@ -18,35 +18,6 @@ import optax
 from ensembling import data, ensemble, members, metrics, report, supernet, train
 
 
-def train_members(config, splits: data.Splits, workdir: str | None, *, desc: str = "members",
-                  eval_every_epoch: bool = True):
-  """Trains `config.members` members as the deep-ensemble experiment does.
-
-  Returns (model, state_K, strategy, seconds).
-  """
-  k = int(config.members)
-  batch_fn, spe = train.make_batch_fn(splits.x_train, splits.y_train, seed=config.seed,
-                                      batch_size=config.batch_size, num_members=k)
-  total = spe * int(config.epochs)
-  model, tx, _, state = train.build_state(config, splits, total_steps=total)
-  strategy = members.resolve_strategy(config.members_strategy, state["params"])
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
-                                  strategy=strategy)
-  eval_fn = lambda s: train.evaluate_members(model.apply, s, splits.x_val, splits.y_val,
-                                             strategy=strategy,
-                                             batch_size=config.eval_batch_size)
-  t0 = time.perf_counter()
-  state, _, _ = train.fit(
-      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
-      key=jax.random.key(config.seed + 1), workdir=workdir,
-      eval_fn=eval_fn if eval_every_epoch else None,
-      eval_every=config.eval_every_steps or spe,
-      checkpoint_every=config.checkpoint_every_steps or spe * int(config.epochs),
-      progress=config.progress, desc=f"{desc}: {k} x {config.model.name} ({strategy})",
-      steps_per_epoch=spe)
-  return model, state, strategy, time.perf_counter() - t0
-
-
 def head_optimizer(sn) -> optax.GradientTransformation:
   """The head's optimizer from `config.supernet` (fresh state per head, as in the thesis)."""
   return _head_tx(sn.head_optimizer, float(sn.head_lr))
@@ -63,12 +34,19 @@ def _head_tx(name: str, lr: float) -> optax.GradientTransformation:
 
 
 def build_head(config, cache, heads, *, num_members: int, init: str, l2: float,
-               scale=None, key=None, best_by=None):
+               scale=None, key=None, best_by="config"):
   """Initialises and trains a head over the first `num_members` members' features.
+
+  `best_by="config"` follows `config.supernet.head_select` (last | val); otherwise it is
+  passed to `supernet.fit_head` (None: the last epoch's head).
 
   Returns (head, history).
   """
   sn = config.supernet
+  if best_by == "config":
+    if sn.head_select not in ("last", "val"):
+      raise ValueError(f"supernet.head_select must be 'last' or 'val', got {sn.head_select!r}.")
+    best_by = "val_accuracy" if sn.head_select == "val" else None
   kern, bias = heads
   d = kern.shape[1]
   sel = lambda f: supernet.first_members(f, num_members=num_members, feature_dim=d)
@@ -80,7 +58,7 @@ def build_head(config, cache, heads, *, num_members: int, init: str, l2: float,
   return supernet.fit_head(
       head0, sel(cache["train"]["features"]), cache["train"]["y"], tx=head_optimizer(sn),
       epochs=int(sn.head_epochs), batch_size=int(sn.head_batch_size), seed=config.seed,
-      l2=l2, eval_sets={"val": (sel(cache["val"]["features"]), cache["val"]["y"]),
+      l2=l2, dropout=float(sn.get("head_dropout", 0.0)), eval_sets={"val": (sel(cache["val"]["features"]), cache["val"]["y"]),
                         "test": (sel(cache["test"]["features"]), cache["test"]["y"])},
       best_by=best_by)
 
@@ -96,7 +74,7 @@ def run(config, workdir: str) -> dict:
   sn = config.supernet
   splits = data.load(config.data, seed=config.seed)
   k = int(config.members)
-  model, state, strategy, member_seconds = train_members(config, splits, workdir)
+  model, state, strategy, member_seconds = train.fit_members(config, splits, workdir)
   variables = members.variables_of(state)
 
   res = {"data": splits.describe(), "strategy": strategy, "member_seconds": member_seconds}
@@ -127,9 +105,11 @@ def run(config, workdir: str) -> dict:
           np.asarray(ensemble.average_probs(logits_test[:n])), y_test)
       vote = metrics.accuracy(np.asarray(ensemble.vote(logits_test[:n])), y_test)
       head_k = head  # after the loop: the head over all K members
+      chosen = (max(hist, key=lambda r: (r["val_accuracy"], -r["epoch"])) if sn.head_select == "val"
+                else hist[-1])["epoch"]
       rows12.append({"members": n, "supernet": sup, "softmax_voting": soft,
                      "majority_voting": vote, "best_member": max(member_acc[:n]),
-                     "head_history": hist})
+                     "head_epoch": chosen, "head_history": hist})
     res["head_seconds_all_k"] = time.perf_counter() - t_heads
     res["member_test_accuracy"] = member_acc
     res["table12"] = rows12
@@ -211,7 +191,9 @@ def markdown(res, config) -> str:
 def _markdown_heads(res, config) -> list[str]:
   k = len(res["table12"])
   out = [f"Features cached in {res['cache_seconds']:.1f}s; {k} heads "
-         f"({config.supernet.head_epochs} epochs each, init {config.supernet.head_init}) in "
+         f"({config.supernet.head_epochs} epochs each, init {config.supernet.head_init}, "
+         f"feature dropout {config.supernet.head_dropout:g}, head of the "
+         f"{'best validation' if config.supernet.head_select == 'val' else 'last'} epoch) in "
          f"{res['head_seconds_all_k']:.1f}s.\n",
          "\n## Table 12 analogue (test accuracy)\n",
          "| members | " + " | ".join(str(r["members"]) for r in res["table12"]) + " |",
@@ -221,9 +203,12 @@ def _markdown_heads(res, config) -> list[str]:
                     ("SuperNet", lambda r: r["supernet"]["accuracy"]),
                     ("softmax voting", lambda r: r["softmax_voting"]["accuracy"]),
                     ("majority voting", lambda r: r["majority_voting"]),
+                    ("SuperNet head epoch", lambda r: r["head_epoch"]),
                     ("SuperNet NLL", lambda r: r["supernet"]["nll"]),
                     ("softmax NLL", lambda r: r["softmax_voting"]["nll"])]:
-    out.append(f"| {name} | " + " | ".join(f"{get(r):.4f}" for r in res["table12"]) + " |")
+    cells = [get(r) for r in res["table12"]]
+    out.append(f"| {name} | " + " | ".join(str(v) if isinstance(v, int) else f"{v:.4f}"
+                                          for v in cells) + " |")
   out += ["\n## Table 5 analogue (test split, per-example cross-entropy)\n",
           "| | accuracy | loss mean | loss std | loss 90th | loss 95th |", "|---|---|---|---|---|---|"]
   for name, s in res["table5"].items():

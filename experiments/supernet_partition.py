@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from ensembling import configlib, data, ensemble, members, metrics, report, supernet
+from ensembling import configlib, data, ensemble, members, metrics, report, supernet, train
 from ensembling import tree as tree_lib
 from experiments import supernet as sn_exp
 
@@ -53,8 +53,8 @@ def _train(config, splits, *, model_config, num_members, dropout, desc):
     c.model = model_config
     c.model.dropout = dropout
     c.members = num_members
-  model, state, strategy, seconds = sn_exp.train_members(c, splits, None, desc=desc,
-                                                         eval_every_epoch=False)
+  model, state, strategy, seconds = train.fit_members(c, splits, None, desc=desc,
+                                                      eval_every_epoch=False)
   return c, model, state, strategy, seconds
 
 

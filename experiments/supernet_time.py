@@ -34,9 +34,8 @@ def _arm(config, splits, *, model_config, num_members, seed_offset):
   batch_fn, spe = train.make_batch_fn(splits.x_train, splits.y_train, seed=c.seed,
                                       batch_size=c.batch_size, num_members=num_members)
   model, tx, _, state = train.build_state(c, splits, total_steps=spe * int(config.timing.max_epochs))
-  strategy = members.resolve_strategy(c.members_strategy, state["params"])
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=num_members,
-                                  strategy=strategy)
+  strategy, step_fn, _ = train.member_fns(c, model, tx, state, eval_x=splits.x_val,
+                                          eval_y=splits.y_val)
   keys = members.member_keys(jax.random.key(c.seed + 1), num_members)
   return model, state, strategy, step_fn, batch_fn, spe, keys
 

@@ -152,12 +152,10 @@ def _init(config, splits, schedule, num_members: int):
 def _fit(config, splits, *, model, tx, state, num_steps, workdir, collector, data_seed,
          eval_every, desc):
   k = tree_lib.num_members(state["step"])
-  strategy = members.resolve_strategy(config.members_strategy, state["params"])
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy=strategy)
+  strategy, step_fn, eval_fn = train.member_fns(config, model, tx, state, eval_x=splits.x_test,
+                                                eval_y=splits.y_test)
   batch_fn, spe = train.make_batch_fn(splits.x_train, splits.y_train, seed=data_seed,
                                       batch_size=config.batch_size, num_members=k)
-  eval_fn = lambda s: train.evaluate_members(model.apply, s, splits.x_test, splits.y_test,
-                                             strategy=strategy, batch_size=config.eval_batch_size)
   extra = collector.init(state) if collector else None
   state, extra, history = train.fit(
       state, step_fn=step_fn, batch_fn=batch_fn, num_steps=num_steps,

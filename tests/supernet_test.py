@@ -257,3 +257,42 @@ def test_loss_quantiles_matches_numpy():
   assert out["loss_p90"] == pytest.approx(np.percentile(loss, 90))
   assert out["loss_p95"] == pytest.approx(np.percentile(loss, 95))
   assert out["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == y))
+
+
+def test_feature_dropout_zeroes_and_rescales():
+  f = jnp.ones((200, 50)) * 3.0
+  out = np.asarray(supernet.feature_dropout(jax.random.key(0), f, 0.25))
+  kept = out != 0
+  assert set(np.unique(out)) <= {0.0, 4.0}               # 3 / (1 - 0.25)
+  assert abs(kept.mean() - 0.75) < 0.02                  # 10,000 Bernoulli draws
+  assert abs(out.mean() - 3.0) < 0.1                     # expectation preserved
+  assert supernet.feature_dropout(jax.random.key(0), f, 0.0) is f
+  with pytest.raises(ValueError, match="dropout rate"):
+    supernet.feature_dropout(jax.random.key(0), f, 1.0)
+
+
+def test_fit_head_dropout_equals_explicit_loop(setup):
+  """Head training with feature dropout == a Python loop drawing the documented masks."""
+  model, variables, x, y = setup
+  f = supernet.cache_features(model.apply, variables, {"t": x})["t"]["features"]
+  head0 = supernet.init_head(jax.random.key(4), num_features=K * D, num_classes=C)
+  tx = optax.sgd(0.2, momentum=0.9)
+  rate, bs, seed = 0.3, 8, 11
+  head, _ = supernet.fit_head(head0, f, y, tx=tx, epochs=2, batch_size=bs, seed=seed,
+                              dropout=rate)
+  no_drop, _ = supernet.fit_head(head0, f, y, tx=tx, epochs=2, batch_size=bs, seed=seed)
+  h, o = head0, tx.init(head0)
+  f = jnp.asarray(f)
+  for e in range(2):
+    idx_SxB = supernet.head_batches(seed, e, num_examples=len(x), batch_size=bs)
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), e), len(idx_SxB))
+    for idx, k in zip(idx_SxB, keys):
+      keep = jax.random.bernoulli(k, 1 - rate, (bs, K * D))
+      fb = jnp.where(keep, f[idx] / (1 - rate), 0.0)
+      g = jax.grad(supernet.head_loss)(h, fb, jnp.asarray(y)[idx])
+      u, o = tx.update(g, o, h)
+      h = optax.apply_updates(h, u)
+  chex.assert_trees_all_close(head, h, rtol=1e-4, atol=1e-5)
+  assert not np.allclose(head["kernel"], no_drop["kernel"])
+  with pytest.raises(ValueError, match="dropout"):
+    supernet.fit_head(head0, f, y, tx=tx, epochs=1, dropout=-0.1)
