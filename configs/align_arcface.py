@@ -34,7 +34,7 @@ def _member(name, model, resolution=28):
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, group="both", epochs=10, align_epochs=4, adapter_input="features",
-                          res_mode="finetune", models_dir="", runlocal=False)
+                          res_mode="finetune", method="arcface", models_dir="", runlocal=False)
   c = configlib.base_config()
   c.experiment = "align_arcface"
   c.members = 1                   # models are trained one at a time (shapes differ)
@@ -53,6 +53,9 @@ def get_config(arg=None):
       margin=0.5,                 # m (radians)
   ))
   c.align = ml_collections.ConfigDict(dict(
+      method=a.method,            # arcface: train the adapter / backbone under the frozen
+                                  # head; procrustes | lstsq: closed-form map of each
+                                  # model's embeddings onto the shared model's (no labels)
       epochs=a.align_epochs,      # passes over the training split per aligned model
       batch_size=128,
       optimizer="adam",           # optim.make_optimizer name

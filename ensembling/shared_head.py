@@ -37,7 +37,7 @@ Example (text or image features computed once by a frozen encoder)::
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,7 @@ EncodeFn = Callable[..., jax.Array]
 
 ADAPTER_ONLY = ("^adapter/",)
 FINETUNE = ("^encoder/", "^adapter/")
+ADAPTER_METHODS = ("lstsq", "procrustes", "info_nce")  # closed-form / label-free fits
 
 
 def select_best(scores: Sequence[float], *, higher_is_better: bool = True) -> int:
@@ -249,3 +250,87 @@ def evaluate_space(query_emb, query_labels, index_emb, index_labels, head: PyTre
     out["Acc@1"] = metrics.top_k_accuracy(cos, query_labels, k=1)
     out["Acc@5"] = metrics.top_k_accuracy(cos, query_labels, k=min(5, cos.shape[1]))
   return out
+
+
+# --------------------------------------------------------------------------- label-free adapters
+#
+# A linear map fitted from one encoder's embeddings of some inputs to the shared space's
+# embeddings of the same inputs (no labels, no head): closed form or a short InfoNCE fit.
+# Used for sentence encoders (text.py) and as a closed-form alternative to `fit_aligned`.
+
+def normalize(x: np.ndarray) -> np.ndarray:
+  """Rows scaled to unit L2 norm."""
+  x = np.asarray(x, np.float64)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def apply_linear_adapter(adapter: Mapping[str, np.ndarray], x_NxD: np.ndarray) -> np.ndarray:
+  """x @ kernel + bias."""
+  return np.asarray(x_NxD) @ np.asarray(adapter["kernel"]) + np.asarray(adapter["bias"])
+
+
+def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
+                       method: str = "lstsq", l2: float = 1e-3, steps: int = 300,
+                       learning_rate: float = 1e-3, batch_size: int = 256,
+                       temperature: float = 0.05, seed: int = 0) -> dict[str, np.ndarray]:
+  """A linear map from one encoder's (normalised) embeddings into a fixed target space.
+
+  The target encoder and the source encoder are frozen; only the map is fitted, on the
+  same unlabelled inputs (sentences, images) encoded by both.
+
+  Args:
+    source_NxD: the encoder to align (rows are L2-normalised inside).
+    target_NxE: the shared space's embeddings of the same N inputs (normalised inside).
+    method: "lstsq" (ridge regression with bias, closed form), "procrustes" (orthogonal
+      map, no bias, closed form; needs D == E) or "info_nce" (cross-model contrastive:
+      the mapped input must be closest to its own target among the batch; Adam from
+      the ridge solution).
+    l2: ridge penalty (relative to N) for "lstsq" and the "info_nce" initialisation.
+    steps, learning_rate, batch_size, temperature, seed: for "info_nce".
+
+  Returns:
+    {"kernel": (D, E), "bias": (E,)} float32, for `apply_linear_adapter`.
+  """
+  if method not in ADAPTER_METHODS:
+    raise ValueError(f"Unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}.")
+  x, y = normalize(source_NxD), normalize(target_NxE)
+  if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
+    raise ValueError(f"Expected source (N, D) and target (N, E) with the same N, got "
+                     f"{x.shape} and {y.shape}.")
+  n, d = x.shape
+  if method == "procrustes":
+    if d != y.shape[1]:
+      raise ValueError(f"Procrustes needs equal dimensions, got {d} and {y.shape[1]}.")
+    u, _, vt = np.linalg.svd(x.T @ y)
+    return {"kernel": (u @ vt).astype(np.float32), "bias": np.zeros(d, np.float32)}
+  xa = np.concatenate([x, np.ones((n, 1))], axis=1)
+  reg = l2 * n * np.eye(d + 1)
+  reg[-1, -1] = 0.0  # no penalty on the bias
+  sol = np.linalg.solve(xa.T @ xa + reg, xa.T @ y)
+  adapter = {"kernel": sol[:-1].astype(np.float32), "bias": sol[-1].astype(np.float32)}
+  if method == "lstsq":
+    return adapter
+  return _fit_info_nce_adapter(adapter, x.astype(np.float32), y.astype(np.float32),
+                               steps=steps, learning_rate=learning_rate,
+                               batch_size=min(batch_size, n), temperature=temperature,
+                               seed=seed)
+
+
+def _fit_info_nce_adapter(init, x, y, *, steps, learning_rate, batch_size, temperature, seed):
+  tx = optax.adam(learning_rate)
+  params = jax.tree.map(jnp.asarray, init)
+  opt_state = tx.init(params)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    loss, g = jax.value_and_grad(
+        lambda p: losses.info_nce(xb @ p["kernel"] + p["bias"], yb, temperature=temperature)
+    )(params)
+    updates, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    idx = rng.choice(len(x), size=batch_size, replace=False)
+    params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), params)

@@ -29,13 +29,14 @@ import numpy as np
 import optax
 
 from ensembling import data, losses, metrics
+from ensembling.shared_head import (  # noqa: F401  (re-exported: the text API)
+    ADAPTER_METHODS, apply_linear_adapter, fit_linear_adapter, normalize)
 from ensembling import tree as tree_lib
 from ensembling.data.sts import STSPairs
 from ensembling.models import bert
 
 PyTree = Any
 AUGMENTATIONS = ("dropout", "delete")
-ADAPTER_METHODS = ("lstsq", "procrustes", "info_nce")
 
 
 # --------------------------------------------------------------------------- augmentations
@@ -230,12 +231,6 @@ def _encode_fn(cfg, pooling, shared_layers):
 
 # --------------------------------------------------------------------------- STS scoring
 
-def normalize(x: np.ndarray) -> np.ndarray:
-  """Rows scaled to unit L2 norm."""
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def unique_sentences(tasks: Mapping[str, Mapping[str, STSPairs]]) -> list[str]:
   """Every distinct sentence of the given STS tasks, sorted (encode these once)."""
   out = set()
@@ -287,78 +282,6 @@ def average_embeddings(emb_KxNxD: np.ndarray, *, weights: Sequence[float] | None
   if w.shape != (emb.shape[0],):
     raise ValueError(f"Need one weight per member ({emb.shape[0]}), got shape {w.shape}.")
   return np.tensordot(w / w.sum(), emb, axes=1)
-
-
-def apply_linear_adapter(adapter: Mapping[str, np.ndarray], x_NxD: np.ndarray) -> np.ndarray:
-  """x @ kernel + bias."""
-  return np.asarray(x_NxD) @ np.asarray(adapter["kernel"]) + np.asarray(adapter["bias"])
-
-
-def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
-                       method: str = "lstsq", l2: float = 1e-3, steps: int = 300,
-                       learning_rate: float = 1e-3, batch_size: int = 256,
-                       temperature: float = 0.05, seed: int = 0) -> dict[str, np.ndarray]:
-  """A linear map from one encoder's (normalised) embeddings into a fixed target space.
-
-  The target encoder and the source encoder are frozen; only the map is fitted, on the
-  same unlabelled sentences encoded by both.
-
-  Args:
-    source_NxD: the encoder to align (rows are L2-normalised inside).
-    target_NxE: the shared space's embeddings of the same N sentences (normalised inside).
-    method: "lstsq" (ridge regression with bias, closed form), "procrustes" (orthogonal
-      map, no bias, closed form; needs D == E) or "info_nce" (cross-model contrastive:
-      the mapped sentence must be closest to its own target among the batch; Adam from
-      the ridge solution).
-    l2: ridge penalty (relative to N) for "lstsq" and the "info_nce" initialisation.
-    steps, learning_rate, batch_size, temperature, seed: for "info_nce".
-
-  Returns:
-    {"kernel": (D, E), "bias": (E,)} float32, for `apply_linear_adapter`.
-  """
-  if method not in ADAPTER_METHODS:
-    raise ValueError(f"Unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}.")
-  x, y = normalize(source_NxD), normalize(target_NxE)
-  if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
-    raise ValueError(f"Expected source (N, D) and target (N, E) with the same N, got "
-                     f"{x.shape} and {y.shape}.")
-  n, d = x.shape
-  if method == "procrustes":
-    if d != y.shape[1]:
-      raise ValueError(f"Procrustes needs equal dimensions, got {d} and {y.shape[1]}.")
-    u, _, vt = np.linalg.svd(x.T @ y)
-    return {"kernel": (u @ vt).astype(np.float32), "bias": np.zeros(d, np.float32)}
-  xa = np.concatenate([x, np.ones((n, 1))], axis=1)
-  reg = l2 * n * np.eye(d + 1)
-  reg[-1, -1] = 0.0  # no penalty on the bias
-  sol = np.linalg.solve(xa.T @ xa + reg, xa.T @ y)
-  adapter = {"kernel": sol[:-1].astype(np.float32), "bias": sol[-1].astype(np.float32)}
-  if method == "lstsq":
-    return adapter
-  return _fit_info_nce_adapter(adapter, x.astype(np.float32), y.astype(np.float32),
-                               steps=steps, learning_rate=learning_rate,
-                               batch_size=min(batch_size, n), temperature=temperature,
-                               seed=seed)
-
-
-def _fit_info_nce_adapter(init, x, y, *, steps, learning_rate, batch_size, temperature, seed):
-  tx = optax.adam(learning_rate)
-  params = jax.tree.map(jnp.asarray, init)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, xb, yb):
-    loss, g = jax.value_and_grad(
-        lambda p: losses.info_nce(xb @ p["kernel"] + p["bias"], yb, temperature=temperature)
-    )(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    idx = rng.choice(len(x), size=batch_size, replace=False)
-    params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-  return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
 def align_members(emb_KxNxD: np.ndarray, *, anchor: int, **fit_kwargs

@@ -73,6 +73,9 @@ def _encoder(model, variables, mode: str, adapter_input: str = "features"):
 
 def run_group(config, name: str, group, splits, workdir: str) -> dict:
   k_eval = int(config.eval.k)
+  if config.align.method not in ("arcface", "procrustes", "lstsq"):
+    raise ValueError(f"Unknown align.method {config.align.method!r}; use arcface, procrustes "
+                     "or lstsq.")
   n_index = int(config.eval.index_size) or len(splits.x_train)
   n_test = int(config.eval.get("test_size", 0)) or len(splits.x_test)
   y_index, y_val, y_test = splits.y_train[:n_index], splits.y_val, splits.y_test[:n_test]
@@ -111,6 +114,15 @@ def run_group(config, name: str, group, splits, workdir: str) -> dict:
   for i, spec in enumerate(specs):
     if i == best:
       aligned.append([own[i][0], own[i][1], own[i][2]])
+      continue
+    if config.align.method != "arcface":
+      # Closed form, label-free: a linear map from this model's embeddings of the
+      # training images to the shared model's embeddings of the same images.
+      adapter = shared_head.fit_linear_adapter(own[i][0], own[best][0],
+                                               method=config.align.method)
+      aligned.append([shared_head.normalize(shared_head.apply_linear_adapter(
+          adapter, shared_head.normalize(e))) for e in own[i]])
+      frozen_ok.append(None)  # nothing is trained: no model parameter can move
       continue
     model, variables = trained[i]
     enc, encode_fn, in_dim, trainable = _encoder(model, variables, group.mode,
@@ -157,6 +169,7 @@ def run_group(config, name: str, group, splits, workdir: str) -> dict:
   prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, y_test, k=1),
               "Acc@5": metrics.top_k_accuracy(probs, y_test, k=5)}
   return {"group": name, "mode": group.mode, "adapter_input": config.align.adapter_input,
+          "method": config.align.method,
           "models": [s.name for s in specs],
           "val_mP": val_mp, "best": specs[best].name, "rows": rows,
           "own_heads_prob_average": prob_avg, "frozen_leaves_unchanged": frozen_ok,
@@ -189,6 +202,9 @@ def run(config, workdir: str) -> dict:
     results["groups"][name] = res
     best = res["rows"]["traditional"][res["best"]]
     how = res["mode"] + (f" from {res['adapter_input']}" if res["mode"] == "adapter" else "")
+    if res["method"] != "arcface":
+      how = f"closed-form {res['method']} map of the embeddings, no labels"
+
     md.append(f"\n## {name} ({how}); shared head = {res['best']}\n\n")
     md.append(f"Queries: {res['num_queries']} test images; index: {res['index_size']} "
               f"training images. 'mean' = average of the L2-normalised embeddings, "
