@@ -18,14 +18,23 @@ import optax
 from ensembling import data, ensemble, members, metrics, report, supernet, train
 
 
-def head_optimizer(sn) -> optax.GradientTransformation:
-  """The head's optimizer from `config.supernet` (fresh state per head, as in the thesis)."""
-  return _head_tx(sn.head_optimizer, float(sn.head_lr))
+def head_optimizer(sn, num_examples: int) -> optax.GradientTransformation:
+  """The head's optimizer from `config.supernet` (fresh state per head, as in the thesis).
+
+  `head_schedule="cosine"` decays the rate to 0 over the head's `head_epochs` passes over
+  `num_examples` cached examples; "constant" keeps it.
+  """
+  steps = int(sn.head_epochs) * (int(num_examples) // int(sn.head_batch_size))
+  return _head_tx(sn.head_optimizer, float(sn.head_lr), sn.head_schedule, steps)
 
 
 @functools.lru_cache(maxsize=8)
-def _head_tx(name: str, lr: float) -> optax.GradientTransformation:
+def _head_tx(name: str, lr: float, schedule: str, steps: int) -> optax.GradientTransformation:
   # Cached so that every head reuses one compiled epoch function per feature width.
+  if schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, max(steps, 1))
+  elif schedule != "constant":
+    raise ValueError(f"Unknown supernet.head_schedule {schedule!r}; use constant or cosine.")
   if name == "adam":
     return optax.adam(lr)
   if name == "sgd":
@@ -56,10 +65,12 @@ def build_head(config, cache, heads, *, num_members: int, init: str, l2: float,
       kernels_KxDxC=kern[:num_members], biases_KxC=bias[:num_members],
       scale=scale if init == "copy_scaled" else None)
   return supernet.fit_head(
-      head0, sel(cache["train"]["features"]), cache["train"]["y"], tx=head_optimizer(sn),
-      epochs=int(sn.head_epochs), batch_size=int(sn.head_batch_size), seed=config.seed,
-      l2=l2, dropout=float(sn.get("head_dropout", 0.0)), eval_sets={"val": (sel(cache["val"]["features"]), cache["val"]["y"]),
-                        "test": (sel(cache["test"]["features"]), cache["test"]["y"])},
+      head0, sel(cache["train"]["features"]), cache["train"]["y"],
+      tx=head_optimizer(sn, len(cache["train"]["y"])), epochs=int(sn.head_epochs),
+      batch_size=int(sn.head_batch_size), seed=config.seed + int(sn.head_seed), l2=l2,
+      dropout=float(sn.head_dropout),
+      eval_sets={"val": (sel(cache["val"]["features"]), cache["val"]["y"]),
+                 "test": (sel(cache["test"]["features"]), cache["test"]["y"])},
       best_by=best_by)
 
 
@@ -191,7 +202,9 @@ def markdown(res, config) -> str:
 def _markdown_heads(res, config) -> list[str]:
   k = len(res["table12"])
   out = [f"Features cached in {res['cache_seconds']:.1f}s; {k} heads "
-         f"({config.supernet.head_epochs} epochs each, init {config.supernet.head_init}, "
+         f"({config.supernet.head_epochs} epochs each, {config.supernet.head_optimizer} "
+         f"{config.supernet.head_lr:g} {config.supernet.head_schedule}, init "
+         f"{config.supernet.head_init}, head seed {config.supernet.head_seed}, "
          f"feature dropout {config.supernet.head_dropout:g}, head of the "
          f"{'best validation' if config.supernet.head_select == 'val' else 'last'} epoch) in "
          f"{res['head_seconds_all_k']:.1f}s.\n",

@@ -96,7 +96,8 @@ def run(config, workdir: str) -> dict:
                                scale=(sc.head_scale or None) if sc.head_init == "copy_scaled"
                                else None)
     head, _ = supernet.fit_head(head0, cache["train"]["features"], splits.y_train,
-                                tx=sn_exp.head_optimizer(sc), epochs=int(sc.head_epochs),
+                                tx=sn_exp.head_optimizer(sc, len(splits.y_train)),
+                                epochs=int(sc.head_epochs),
                                 batch_size=int(sc.head_batch_size), seed=config.seed)
     return cache, head
 
