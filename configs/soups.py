@@ -38,9 +38,7 @@ def get_config(arg=None):
   c.experiment = "soups"
   c.members_strategy = "vmap"
   c.parts = a.parts                 # "finetune", "scratch" or "finetune+scratch"
-  c.data.name = "fashion_mnist"
-  c.data.dir = configlib.DATA_DIRS["fashion_mnist"]
-  c.data.validation_size = 5000     # held-out split used to select / learn soups
+  c.data = configlib.fashion_mnist_data()  # held-out split used to select / learn soups
   c.model = configlib.model_config("mlp", widths=(512, 512), dropout=0.0)
   c.batch_size = 128
   c.pretrain = ml_collections.ConfigDict(dict(

@@ -40,9 +40,7 @@ def get_config(arg=None):
   ))
   c.model = configlib.model_config("mlp")
   if a.preset == "fashion_mnist":
-    c.data.name = "fashion_mnist"
-    c.data.dir = configlib.DATA_DIRS["fashion_mnist"]
-    c.data.validation_size = 5000
+    c.data = configlib.fashion_mnist_data()
     c.epochs = 8
     c.batch_size = 128
     c.optim.learning_rate = 0.05

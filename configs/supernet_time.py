@@ -38,9 +38,7 @@ def get_config(arg=None):
       targets=(0.88, 0.89, 0.90),
   ))
   if a.preset == "fashion_mnist":
-    c.data.name = "fashion_mnist"
-    c.data.dir = configlib.DATA_DIRS["fashion_mnist"]
-    c.data.validation_size = 5000
+    c.data = configlib.fashion_mnist_data()
     c.batch_size = 128
     c.optim.learning_rate = 0.02
     c.optim.weight_decay = 5e-4

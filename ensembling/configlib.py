@@ -63,6 +63,15 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(block)
 
 
+def fashion_mnist_data(*, validation_size: int = 5000) -> ml_collections.ConfigDict:
+  """`config.data` for Fashion-MNIST from ../shared/data: 55,000 / 5,000 / 10,000."""
+  d = base_config().data
+  d.name = "fashion_mnist"
+  d.dir = DATA_DIRS["fashion_mnist"]
+  d.validation_size = validation_size
+  return d
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every experiment shares; each line says what it does."""
   c = ml_collections.ConfigDict()

@@ -46,9 +46,7 @@ def make_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
   c.eval_per_epoch = 2             # test-accuracy points per epoch for the training curves
   c.recalibration_examples = 0     # BN recalibration pass: 0 = the whole training split
   if a.preset == "fashion_mnist":
-    c.data.name = "fashion_mnist"
-    c.data.dir = configlib.DATA_DIRS["fashion_mnist"]
-    c.data.validation_size = 5000
+    c.data = configlib.fashion_mnist_data()
     c.epochs = 8                   # shared 2-core CPU: 8 epochs x 5 methods x 3 seeds ~ 20 min
     c.batch_size = 128
     c.optim.learning_rate = 0.05
