@@ -114,3 +114,30 @@ def test_newsgroups_loader(tmp_path):
 def test_newsgroups_missing_archive(tmp_path):
   with pytest.raises(FileNotFoundError, match="20 Newsgroups archive"):
     newsgroups.read_archive(str(tmp_path))
+
+
+def test_head_optimizer_schedules():
+  """Cosine: the rate reaches 0 after exactly head_epochs passes; constant: it stays."""
+  import jax.numpy as jnp
+  from experiments import supernet as exp
+  sn = cfg_supernet.supernet_block(head_optimizer="sgd", head_lr=0.1, head_epochs=3,
+                                   head_batch_size=10)
+  params, grads = jnp.zeros(()), jnp.ones(())
+  momentum_sum = lambda n: (1 - 0.9 ** n) / 0.1  # SGD momentum 0.9 trace after n unit grads
+  for schedule in ("cosine", "constant"):
+    sn.head_schedule = schedule
+    tx = exp.head_optimizer(sn, 45)  # 4 steps per epoch (the last partial batch dropped)
+    state = tx.init(params)
+    updates = []
+    for _ in range(13):
+      update, state = tx.update(grads, state, params)
+      updates.append(float(update))
+    if schedule == "cosine":
+      lr_11 = 0.1 * 0.5 * (1 + np.cos(np.pi * 11 / 12))
+      assert updates[11] == pytest.approx(-lr_11 * momentum_sum(12), rel=1e-5)
+      assert updates[12] == 0.0  # step 12 = 3 epochs x 4 steps: the rate is 0
+    else:
+      assert updates[12] == pytest.approx(-0.1 * momentum_sum(13), rel=1e-5)
+  sn.head_schedule = "cosin"
+  with pytest.raises(ValueError, match="head_schedule"):
+    exp.head_optimizer(sn, 45)
