@@ -71,37 +71,54 @@ def _encoder(model, variables, mode: str, adapter_input: str = "features"):
   raise ValueError(f"Unknown alignment mode {mode!r}; use adapter or finetune.")
 
 
-def run_group(config, name: str, group, splits, workdir: str) -> dict:
+def run_group(config, name: str, group, splits, workdir: str, retrieval=None) -> dict:
+  """Trains, aligns and evaluates one group of models.
+
+  Models are trained, selected (validation mP@k) and aligned on `splits`. Retrieval is
+  measured with queries = test images, index = training images of `retrieval`: the same
+  `splits` by default (closed set, plus Acc@1/Acc@5 through the heads), or the held-out
+  classes of `data.split_classes` (open set: classes no model saw; mP@k only).
+  """
   k_eval = int(config.eval.k)
   if config.align.method not in ("arcface", "procrustes", "lstsq"):
     raise ValueError(f"Unknown align.method {config.align.method!r}; use arcface, procrustes "
                      "or lstsq.")
-  n_index = int(config.eval.index_size) or len(splits.x_train)
-  n_test = int(config.eval.get("test_size", 0)) or len(splits.x_test)
-  y_index, y_val, y_test = splits.y_train[:n_index], splits.y_val, splits.y_test[:n_test]
+  open_set = retrieval is not None
+  retrieval = splits if retrieval is None else retrieval
+  n_index = min(int(config.eval.index_size) or len(retrieval.x_train), len(retrieval.x_train))
+  n_test = min(int(config.eval.get("test_size", 0)) or len(retrieval.x_test),
+               len(retrieval.x_test))
+  y_index, y_val, y_test = retrieval.y_train[:n_index], splits.y_val, retrieval.y_test[:n_test]
   specs = list(group.models)
   trained, inputs = [], []
   t0 = time.time()
   for i, spec in enumerate(specs):
-    xs = [resize(a, spec.resolution) for a in (splits.x_train, splits.x_val,
-                                               splits.x_test[:n_test])]
+    r = spec.resolution
+    xs = {"train": resize(splits.x_train, r), "val": resize(splits.x_val, r),
+          "test": resize(retrieval.x_test[:n_test], r)}
+    xs["index"] = resize(retrieval.x_train[:n_index], r) if open_set else xs["train"][:n_index]
     inputs.append(xs)
-    trained.append(train_arcface(config, spec, xs[0], splits.y_train, xs[1], y_val,
+    trained.append(train_arcface(config, spec, xs["train"], splits.y_train, xs["val"], y_val,
                                  seed=config.seed + 100 * i,
                                  workdir=os.path.join(config.models_dir or workdir, name,
                                                       spec.name)))
   t_train = time.time() - t0
 
-  def own_embeddings(i, which):
+  def own_embeddings(i):
+    """The model's own embeddings: fit (training images the closed-form maps read), val,
+    test (queries) and index."""
     model, variables = trained[i]
     fn = shared_head.flax_encoder(model.apply, train_mode=False)
     p = {"encoder": variables, "adapter": {}}
-    x = inputs[i][which][:n_index] if which == 0 else inputs[i][which]
-    return shared_head.embed(p, x, encode_fn=fn)
+    out = {w: shared_head.embed(p, inputs[i][w], encode_fn=fn) for w in ("val", "test", "index")}
+    out["fit"] = (shared_head.embed(p, inputs[i]["train"][:n_index], encode_fn=fn) if open_set
+                  else out["index"])
+    return out
 
-  own = [[own_embeddings(i, w) for w in range(3)] for i in range(len(specs))]
+  own = [own_embeddings(i) for i in range(len(specs))]
   heads = [{"centers": v["params"]["head"]["centers"]} for _, v in trained]
-  val_mp = [shared_head.evaluate_space(own[i][1], y_val, own[i][0], y_index, None,
+  y_fit = splits.y_train[:len(own[0]["fit"])]
+  val_mp = [shared_head.evaluate_space(own[i]["val"], y_val, own[i]["fit"], y_fit, None,
                                        k=k_eval)[f"mP@{k_eval}"] for i in range(len(specs))]
   best = shared_head.select_best(val_mp)
   shared = heads[best]
@@ -113,22 +130,23 @@ def run_group(config, name: str, group, splits, workdir: str) -> dict:
   aligned, frozen_ok = [], []
   for i, spec in enumerate(specs):
     if i == best:
-      aligned.append([own[i][0], own[i][1], own[i][2]])
+      aligned.append(own[i])
       continue
     if config.align.method != "arcface":
       # Closed form, label-free: a linear map from this model's embeddings of the
       # training images to the shared model's embeddings of the same images.
-      adapter = shared_head.fit_linear_adapter(own[i][0], own[best][0],
+      adapter = shared_head.fit_linear_adapter(own[i]["fit"], own[best]["fit"],
                                                method=config.align.method)
-      aligned.append([shared_head.normalize(shared_head.apply_linear_adapter(
-          adapter, shared_head.normalize(e))) for e in own[i]])
+      aligned.append({w: shared_head.normalize(shared_head.apply_linear_adapter(
+          adapter, shared_head.normalize(e))) for w, e in own[i].items()})
       frozen_ok.append(None)  # nothing is trained: no model parameter can move
       continue
     model, variables = trained[i]
     enc, encode_fn, in_dim, trainable = _encoder(model, variables, group.mode,
                                                  config.align.adapter_input)
     if in_dim == -1:
-      in_dim = int(np.asarray(encode_fn(enc, inputs[i][0][:2], train=False, key=None)).shape[1])
+      in_dim = int(np.asarray(encode_fn(enc, inputs[i]["train"][:2], train=False,
+                                        key=None)).shape[1])
     params = shared_head.init_aligned(jax.random.key(config.seed + 7 + i), encoder=enc,
                                       head=shared, in_dim=in_dim)
     before = jax.tree.map(np.array, params)
@@ -137,8 +155,8 @@ def run_group(config, name: str, group, splits, workdir: str) -> dict:
     tx = optim.make_optimizer(name=config.align.optimizer,
                               learning_rate=schedules.warmup_cosine(lr, steps))
     params, loss = shared_head.fit_aligned(
-        params, inputs[i][0], splits.y_train, tx=tx, trainable=trainable, num_steps=steps,
-        batch_size=int(config.align.batch_size), encode_fn=encode_fn,
+        params, inputs[i]["train"], splits.y_train, tx=tx, trainable=trainable,
+        num_steps=steps, batch_size=int(config.align.batch_size), encode_fn=encode_fn,
         scale=config.arcface.scale, margin=config.arcface.margin, seed=config.seed + i)
     labels = shared_head.trainable_labels(params, trainable=trainable)
     unchanged = all(
@@ -148,28 +166,34 @@ def run_group(config, name: str, group, splits, workdir: str) -> dict:
     frozen_ok.append(unchanged)
     log.info("%s/%s aligned: loss %.3f -> %.3f; frozen leaves unchanged: %s", name,
              spec.name, loss[:50].mean(), loss[-50:].mean(), unchanged)
-    aligned.append([shared_head.embed(params, x, encode_fn=encode_fn)
-                    for x in (inputs[i][0][:n_index], inputs[i][1], inputs[i][2])])
+    aligned.append({w: shared_head.embed(params, inputs[i][w], encode_fn=encode_fn)
+                    for w in ("test", "index")})
   t_align = time.time() - t0
 
-  # Test split: queries = test images, index = training images.
+  # Test split: queries = test images, index = training images (of the held-out classes
+  # in the open set, where the heads' classes do not apply and only mP@k is reported).
   ev = functools.partial(shared_head.evaluate_space, k=k_eval)
   rows = {"traditional": {}, "ours": {}}
   for i, spec in enumerate(specs):
-    rows["traditional"][spec.name] = ev(own[i][2], y_test, own[i][0], y_index, heads[i])
-    rows["ours"][spec.name] = ev(aligned[i][2], y_test, aligned[i][0], y_index, shared)
-  naive = [shared_head.combine([own[i][w] for i in range(len(specs))]) for w in (0, 2)]
-  ours = [shared_head.combine([aligned[i][w] for i in range(len(specs))]) for w in (0, 2)]
-  rows["traditional"]["mean"] = ev(naive[1], y_test, naive[0], y_index, shared)
-  rows["ours"]["mean"] = ev(ours[1], y_test, ours[0], y_index, shared)
-  # For context: the usual classifier ensemble, probabilities of each model's own head.
-  probs = np.mean([np.asarray(jax.nn.softmax(config.arcface.scale * shared_head.classify(
-      own[i][2], heads[i]))) for i in range(len(specs))], axis=0)
-  from ensembling import metrics
-  prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, y_test, k=1),
-              "Acc@5": metrics.top_k_accuracy(probs, y_test, k=5)}
+    rows["traditional"][spec.name] = ev(own[i]["test"], y_test, own[i]["index"], y_index,
+                                        None if open_set else heads[i])
+    rows["ours"][spec.name] = ev(aligned[i]["test"], y_test, aligned[i]["index"], y_index,
+                                 None if open_set else shared)
+  naive, ours = ({w: shared_head.combine([e[i][w] for i in range(len(specs))])
+                  for w in ("test", "index")} for e in (own, aligned))
+  rows["traditional"]["mean"] = ev(naive["test"], y_test, naive["index"], y_index,
+                                   None if open_set else shared)
+  rows["ours"]["mean"] = ev(ours["test"], y_test, ours["index"], y_index,
+                            None if open_set else shared)
+  prob_avg = None
+  if not open_set:  # for context: the usual classifier ensemble of the models' own heads
+    from ensembling import metrics
+    probs = np.mean([np.asarray(jax.nn.softmax(config.arcface.scale * shared_head.classify(
+        own[i]["test"], heads[i]))) for i in range(len(specs))], axis=0)
+    prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, y_test, k=1),
+                "Acc@5": metrics.top_k_accuracy(probs, y_test, k=5)}
   return {"group": name, "mode": group.mode, "adapter_input": config.align.adapter_input,
-          "method": config.align.method,
+          "method": config.align.method, "open_set": open_set,
           "models": [s.name for s in specs],
           "val_mP": val_mp, "best": specs[best].name, "rows": rows,
           "own_heads_prob_average": prob_avg, "frozen_leaves_unchanged": frozen_ok,
@@ -184,6 +208,8 @@ def table(res: dict, k: int) -> str:
            "|---|---|" + "---|" * len(names)]
   for kind in ("traditional", "ours"):
     for metric in ("Acc@1", "Acc@5", mp):
+      if metric not in res["rows"][kind]["mean"]:
+        continue  # open set: no head applies to the held-out classes
       cells = [f"{res['rows'][kind][n][metric]:.4f}" for n in names]
       lines.append(f"| {kind} | {metric} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
@@ -194,28 +220,41 @@ def run(config, workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json_best_effort(indent=2))
   splits = data.load(config.data, seed=config.seed)
+  held_out = tuple(config.eval.get("held_out_classes", ()))
+  retrieval = None
+  if held_out:  # open set: train on the other classes, retrieve the held-out ones
+    splits, retrieval = data.split_classes(splits, held_out=held_out)
   k = int(config.eval.k)
   results = {"data": splits.describe(), "groups": {}}
+  if retrieval is not None:
+    results["retrieval_data"] = retrieval.describe()
   md = [f"# Shared-head alignment of ArcFace models on {splits.name} (test split)\n"]
   for name, group in config.groups.items():
-    res = run_group(config, name, group, splits, workdir)
+    res = run_group(config, name, group, splits, workdir, retrieval)
     results["groups"][name] = res
     best = res["rows"]["traditional"][res["best"]]
+    top = max(res["models"], key=lambda n: res["rows"]["traditional"][n][f"mP@{k}"])
     how = res["mode"] + (f" from {res['adapter_input']}" if res["mode"] == "adapter" else "")
     if res["method"] != "arcface":
       how = f"closed-form {res['method']} map of the embeddings, no labels"
-
+    where = (f"held-out classes {list(held_out)} (open set: no model was trained on them)"
+             if held_out else "all classes")
     md.append(f"\n## {name} ({how}); shared head = {res['best']}\n\n")
     md.append(f"Queries: {res['num_queries']} test images; index: {res['index_size']} "
-              f"training images. 'mean' = average of the L2-normalised embeddings, "
-              f"classified by the shared head (traditional: unaligned embeddings).\n\n")
+              f"training images; {where}. 'mean' = average of the L2-normalised embeddings"
+              + ("" if held_out else ", classified by the shared head")
+              + " (traditional: unaligned embeddings).\n\n")
     md.append(table(res, k))
-    md.append(f"\nBest single model ({res['best']}): mP@{k} {best[f'mP@{k}']:.4f}, Acc@1 "
-              f"{best['Acc@1']:.4f}. Prob. average of the models' own heads: Acc@1 "
-              f"{res['own_heads_prob_average']['Acc@1']:.4f}. Validation mP@{k}: "
-              f"{np.round(res['val_mP'], 4).tolist()}. Frozen leaves bit-identical after "
-              f"alignment: {res['frozen_leaves_unchanged']}. Train {res['train_seconds']:.0f}s, "
-              f"align {res['align_seconds']:.0f}s.\n")
+    md.append(f"\nShared-head model ({res['best']}): mP@{k} {best[f'mP@{k}']:.4f}"
+              + (f", Acc@1 {best['Acc@1']:.4f}" if "Acc@1" in best else "")
+              + f". Best single model on test mP@{k}: {top} "
+              f"{res['rows']['traditional'][top][f'mP@{k}']:.4f}. ")
+    if res["own_heads_prob_average"] is not None:
+      md.append(f"Prob. average of the models' own heads: Acc@1 "
+                f"{res['own_heads_prob_average']['Acc@1']:.4f}. ")
+    md.append(f"Validation mP@{k}: {np.round(res['val_mP'], 4).tolist()}. Frozen leaves "
+              f"bit-identical after alignment: {res['frozen_leaves_unchanged']}. Train "
+              f"{res['train_seconds']:.0f}s, align {res['align_seconds']:.0f}s.\n")
   report.write_json(os.path.join(workdir, "results.json"), results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write("".join(md))

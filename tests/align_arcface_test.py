@@ -54,3 +54,25 @@ def test_align_arcface_procrustes_reuses_models_and_keeps_each_space(tmp_path):
   with pytest.raises(ValueError, match="align.method"):
     config.align.method = "orthogonal"
     run_experiment(config, str(tmp_path / "c"))
+
+
+def test_align_arcface_open_set_retrieves_only_held_out_classes(tmp_path):
+  """Open set: trained on the other classes, evaluated on held-out ones, mP@5 only."""
+  from configs import align_arcface
+  from ensembling import data
+  from experiments.main import run_experiment
+  config = align_arcface.get_config("runlocal,group=heterogeneous,open_set")
+  config.progress = False
+  held = config.eval.held_out_classes
+  assert tuple(held) == align_arcface.OPEN_SET_HELD_OUT
+  g = run_experiment(config, str(tmp_path))["groups"]["heterogeneous"]
+  _, unseen = data.split_classes(data.load(config.data, seed=config.seed), held_out=held)
+  assert g["open_set"] and g["frozen_leaves_unchanged"] == [True]
+  assert g["index_size"] == min(config.eval.index_size, len(unseen.x_train))
+  assert g["num_queries"] == min(config.eval.test_size, len(unseen.x_test))
+  for kind in ("traditional", "ours"):
+    for col in g["models"] + ["mean"]:
+      assert set(g["rows"][kind][col]) == {"mP@5"}  # no head covers the held-out classes
+      assert 0.0 <= g["rows"][kind][col]["mP@5"] <= 1.0
+  text = (tmp_path / "results.md").read_text()
+  assert "held-out classes" in text and "| ours | mP@5 |" in text and "Acc@1 |" not in text

@@ -78,6 +78,25 @@ def test_digits_is_embedded(digits):
   assert set(np.unique(digits.y_train)) == set(range(10))
 
 
+def test_split_classes_against_a_python_loop(digits):
+  """Open-set split: each part keeps exactly its classes, in order, renumbered 0..C-1."""
+  seen, unseen = data.split_classes(digits, held_out=(7, 1, 1))
+  assert seen.num_classes == 8 and unseen.num_classes == 2
+  kept = [0, 2, 3, 4, 5, 6, 8, 9]
+  for part, classes in ((seen, kept), (unseen, [1, 7])):
+    for which in ("train", "val", "test"):
+      x, y = digits.split(which)
+      rows = [(x[i], classes.index(int(y[i]))) for i in range(len(y)) if int(y[i]) in classes]
+      px, py = part.split(which)
+      assert py.dtype == np.int32 and len(py) == len(rows)
+      np.testing.assert_array_equal(py, [r[1] for r in rows])
+      np.testing.assert_array_equal(px, np.stack([r[0] for r in rows]))
+  for held, match in (((), "empty"), ((3, 10), r"\[10\] are not in 0..9"),
+                      (tuple(range(10)), "every class")):
+    with pytest.raises(ValueError, match=match):
+      data.split_classes(digits, held_out=held)
+
+
 def test_member_batch_indices_are_per_member_permutations():
   idx = data.member_batch_indices(0, 0, num_examples=103, batch_size=10, num_members=4)
   assert idx.shape == (10, 4, 10)

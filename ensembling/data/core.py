@@ -58,6 +58,37 @@ def make_splits(train, test, *, num_classes: int, validation_size, seed: int,
                 num_classes=num_classes, name=name)
 
 
+def split_classes(splits: Splits, *, held_out) -> tuple[Splits, Splits]:
+  """(seen, unseen): every split restricted to the classes kept / held out.
+
+  The open-set retrieval protocol: models are trained on `seen`, and retrieval is
+  measured on classes they never saw (queries = `unseen.x_test`, index =
+  `unseen.x_train`). Labels are renumbered 0..C-1 in each part, in increasing order of
+  the original class ids.
+  """
+  held = sorted({int(c) for c in held_out})
+  if not held:
+    raise ValueError("held_out is empty: name at least one class to hold out.")
+  bad = [c for c in held if not 0 <= c < splits.num_classes]
+  if bad:
+    raise ValueError(f"held_out classes {bad} are not in 0..{splits.num_classes - 1}.")
+  kept = [c for c in range(splits.num_classes) if c not in held]
+  if not kept:
+    raise ValueError("held_out names every class: nothing is left to train on.")
+
+  def part(classes, tag):
+    lut = np.full(splits.num_classes, -1, np.int32)
+    lut[classes] = np.arange(len(classes), dtype=np.int32)
+    arrays = []
+    for which in ("train", "val", "test"):
+      x, y = splits.split(which)
+      m = np.isin(y, classes)
+      arrays += [x[m], lut[y[m]]]
+    return Splits(*arrays, num_classes=len(classes), name=f"{splits.name} ({tag} {classes})")
+
+  return part(kept, "classes"), part(held, "held-out classes")
+
+
 def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
   """Loads the dataset that `config.data` names.
 
