@@ -13,7 +13,8 @@ Tiny (seconds): `configs/supernet.py:runlocal`.
 
 Measured (test, 6 members; heads rerun on the trained members with `,noboost`): best
 member 0.8943, softmax voting 0.8966, SuperNet 0.8992 (0.8988 / 0.8988 for head seeds
-1 / 2), and SuperNet > voting at every K from 2 to 6. Full tables in
+1 / 2), and SuperNet > voting at every K from 2 to 6. Thesis CNN (the reduced command
+above, `,noboost`): best member 0.8616, voting 0.8628, SuperNet 0.8973. Full tables in
 docs/results_supernet.md.
 """
 
