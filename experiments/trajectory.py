@@ -78,6 +78,8 @@ def make_config(method: str, arg: str | None = None) -> ml_collections.ConfigDic
       swa_anneal_epochs=1,         # SWA: cosine anneal from learning_rate to swa_lr
       swa_every_epochs=0.5,        # SWA: average every half epoch after annealing
       star_reset_optimizer=False,  # StarSSE: fresh optimizer state for every star cycle
+      recalibrate_snapshots=True,  # BN models: also report the snapshot ensemble with every
+                                   # snapshot's BN statistics recomputed (one pass each)
   ))
   if a.epochs:
     c.epochs = a.epochs
@@ -174,6 +176,23 @@ def _logits(model, variables_K, x, config, strategy):
                          strategy=strategy)
 
 
+def recalibrate(model, variables, x_train, *, batch_size: int, num_examples: int = 0,
+                seed: int = 0, member_dims: int = 1):
+  """BN statistics of every model in `variables` recomputed on one pass of `x_train`.
+
+  `variables` ({"params", "batch_stats"}) carry `member_dims` leading member axes (1:
+  seeds; 2: seeds x snapshots); all models are recalibrated at once on the same batches.
+  """
+  n = int(num_examples) or len(x_train)
+  lead = jax.tree.leaves(variables["params"])[0].shape[:member_dims]
+  flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[member_dims:]), variables)
+  batches = (x_train[i:i + batch_size] for i in range(0, (n // batch_size) * batch_size,
+                                                      batch_size))
+  out = averaging.recompute_batch_stats(model.apply, flat, batches, stacked=True,
+                                        key=jax.random.key(int(seed)))
+  return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
 def _per_seed(logits_SxMxNxC, y):
   """Ensemble metrics (prob. average over M) and mean disagreement, one per seed."""
   out = []
@@ -239,6 +258,15 @@ def run_method(method: str, config, splits, workdir: str) -> dict[str, Any]:
     rows["mean snapshot (single model)"] = [
         {n: float(np.mean([metrics.classification_metrics(ensemble.members_probs(l[None])[0], y)[n]
                            for l in seed_lg])) for n in COLUMNS} for seed_lg in lg]
+    if "batch_stats" in _vars(snaps) and config.traj.get("recalibrate_snapshots", True):
+      # Each snapshot's running statistics lag its weights after a restart (badly so
+      # with Keras's momentum 0.99): the same ensemble with every snapshot recalibrated.
+      re = recalibrate(model, _vars(snaps), splits.x_train, batch_size=config.batch_size,
+                       num_examples=config.recalibration_examples, seed=config.seed,
+                       member_dims=2)
+      lg = np.stack([_logits(model, tree_lib.index(re, s), splits.x_test, config, strategy)
+                     for s in range(k)])
+      rows[f"ensemble of {lg.shape[1]} snapshots, each BN recalibrated"] = _per_seed(lg, y)
   if method == "sgd":
     rows[f"independent ensemble of the {k} seeds ({k}x budget)"] = _per_seed(end[None], y)
   if method in ("swa", "starsse"):
@@ -249,12 +277,9 @@ def run_method(method: str, config, splits, workdir: str) -> dict[str, Any]:
     has_bn = bool(jax.tree.leaves(avg.get("batch_stats", {})))
     name = "SWA" if method == "swa" else "uniform soup"
     if has_bn:
-      n = int(config.recalibration_examples) or len(splits.x_train)
-      bs = config.batch_size
-      batches = (splits.x_train[i:i + bs] for i in range(0, (n // bs) * bs, bs))
-      recal = averaging.recompute_batch_stats(
-          model.apply, {"params": avg["params"], "batch_stats": avg["batch_stats"]}, batches,
-          stacked=True, key=jax.random.key(int(config.seed)))
+      recal = recalibrate(model, {"params": avg["params"], "batch_stats": avg["batch_stats"]},
+                          splits.x_train, batch_size=config.batch_size,
+                          num_examples=config.recalibration_examples, seed=config.seed)
       rows[f"{name} (BN recalibrated)"] = _single(_logits(model, recal, splits.x_test, config,
                                                           strategy), y)
       stale = "last iterate's" if method == "swa" else "cycle-1 end point's"
