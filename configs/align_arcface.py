@@ -70,6 +70,9 @@ def get_config(arg=None):
       adapter_input=a.adapter_input,  # adapter reads backbone "features" or the "embedding"
       adapter_lr=1e-3,            # heterogeneous: the new linear layer
       finetune_lr=2e-4,           # homogeneous: the whole backbone
+      select_on="train_classes",  # shared head = best validation mP@k on the training
+                                  # classes, or (open set) "retrieval": on the held-out
+                                  # classes' validation images vs the retrieval index
   ))
   c.eval = ml_collections.ConfigDict(dict(
       k=5,                        # mP@k

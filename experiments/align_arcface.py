@@ -85,6 +85,12 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
                      "or lstsq.")
   open_set = retrieval is not None
   retrieval = splits if retrieval is None else retrieval
+  select_on = config.align.get("select_on", "train_classes")
+  if select_on not in ("train_classes", "retrieval"):
+    raise ValueError(f"Unknown align.select_on {select_on!r}; use train_classes or retrieval.")
+  # "retrieval": pick the shared head on the validation split of the retrieval classes
+  # (the held-out ones in the open set), queries vs the retrieval index, never on test.
+  select_on_retrieval = open_set and select_on == "retrieval"
   n_index = min(int(config.eval.index_size) or len(retrieval.x_train), len(retrieval.x_train))
   n_test = min(int(config.eval.get("test_size", 0)) or len(retrieval.x_test),
                len(retrieval.x_test))
@@ -97,6 +103,8 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
     xs = {"train": resize(splits.x_train, r), "val": resize(splits.x_val, r),
           "test": resize(retrieval.x_test[:n_test], r)}
     xs["index"] = resize(retrieval.x_train[:n_index], r) if open_set else xs["train"][:n_index]
+    if select_on_retrieval:
+      xs["rval"] = resize(retrieval.x_val, r)
     inputs.append(xs)
     trained.append(train_arcface(config, spec, xs["train"], splits.y_train, xs["val"], y_val,
                                  seed=config.seed + 100 * i,
@@ -110,7 +118,8 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
     model, variables = trained[i]
     fn = shared_head.flax_encoder(model.apply, train_mode=False)
     p = {"encoder": variables, "adapter": {}}
-    out = {w: shared_head.embed(p, inputs[i][w], encode_fn=fn) for w in ("val", "test", "index")}
+    out = {w: shared_head.embed(p, inputs[i][w], encode_fn=fn)
+           for w in ("val", "test", "index", "rval") if w in inputs[i]}
     out["fit"] = (shared_head.embed(p, inputs[i]["train"][:n_index], encode_fn=fn) if open_set
                   else out["index"])
     return out
@@ -118,8 +127,13 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
   own = [own_embeddings(i) for i in range(len(specs))]
   heads = [{"centers": v["params"]["head"]["centers"]} for _, v in trained]
   y_fit = splits.y_train[:len(own[0]["fit"])]
-  val_mp = [shared_head.evaluate_space(own[i]["val"], y_val, own[i]["fit"], y_fit, None,
-                                       k=k_eval)[f"mP@{k_eval}"] for i in range(len(specs))]
+  if select_on_retrieval:
+    val_mp = [shared_head.evaluate_space(own[i]["rval"], retrieval.y_val, own[i]["index"],
+                                         y_index, None, k=k_eval)[f"mP@{k_eval}"]
+              for i in range(len(specs))]
+  else:
+    val_mp = [shared_head.evaluate_space(own[i]["val"], y_val, own[i]["fit"], y_fit, None,
+                                         k=k_eval)[f"mP@{k_eval}"] for i in range(len(specs))]
   best = shared_head.select_best(val_mp)
   shared = heads[best]
   log.info("%s: validation mP@%d %s; best = %s", name, k_eval, np.round(val_mp, 4),
@@ -195,7 +209,8 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
   return {"group": name, "mode": group.mode, "adapter_input": config.align.adapter_input,
           "method": config.align.method, "open_set": open_set,
           "models": [s.name for s in specs],
-          "val_mP": val_mp, "best": specs[best].name, "rows": rows,
+          "val_mP": val_mp, "selected_on": "retrieval" if select_on_retrieval else
+          "train_classes", "best": specs[best].name, "rows": rows,
           "own_heads_prob_average": prob_avg, "frozen_leaves_unchanged": frozen_ok,
           "train_seconds": t_train, "align_seconds": t_align,
           "index_size": n_index, "num_queries": n_test}
@@ -252,7 +267,8 @@ def run(config, workdir: str) -> dict:
     if res["own_heads_prob_average"] is not None:
       md.append(f"Prob. average of the models' own heads: Acc@1 "
                 f"{res['own_heads_prob_average']['Acc@1']:.4f}. ")
-    md.append(f"Validation mP@{k}: {np.round(res['val_mP'], 4).tolist()}. Frozen leaves "
+    md.append(f"Validation mP@{k} (shared head chosen on {res['selected_on']}): "
+              f"{np.round(res['val_mP'], 4).tolist()}. Frozen leaves "
               f"bit-identical after alignment: {res['frozen_leaves_unchanged']}. Train "
               f"{res['train_seconds']:.0f}s, align {res['align_seconds']:.0f}s.\n")
   report.write_json(os.path.join(workdir, "results.json"), results)

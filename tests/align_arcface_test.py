@@ -76,3 +76,23 @@ def test_align_arcface_open_set_retrieves_only_held_out_classes(tmp_path):
       assert 0.0 <= g["rows"][kind][col]["mP@5"] <= 1.0
   text = (tmp_path / "results.md").read_text()
   assert "held-out classes" in text and "| ours | mP@5 |" in text and "Acc@1 |" not in text
+
+
+def test_open_set_selection_on_the_retrieval_validation_split(tmp_path):
+  """`align.select_on=retrieval` picks the shared head on held-out-class validation
+  images (never test): same models, same traditional rows, other validation scores."""
+  from configs import align_arcface
+  from experiments.main import run_experiment
+  config = align_arcface.get_config("runlocal,group=heterogeneous,open_set")
+  config.progress = False
+  first = run_experiment(config, str(tmp_path / "a"))["groups"]["heterogeneous"]
+  config.models_dir = str(tmp_path / "a")
+  config.align.select_on = "retrieval"
+  g = run_experiment(config, str(tmp_path / "b"))["groups"]["heterogeneous"]
+  assert first["selected_on"] == "train_classes" and g["selected_on"] == "retrieval"
+  assert g["rows"]["traditional"] == first["rows"]["traditional"]  # the same models
+  assert g["val_mP"] != first["val_mP"]
+  assert g["best"] == g["models"][int(np.argmax(g["val_mP"]))]
+  config.align.select_on = "test"
+  with pytest.raises(ValueError, match="align.select_on"):
+    run_experiment(config, str(tmp_path / "c"))
