@@ -152,7 +152,7 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
       adapter = shared_head.fit_linear_adapter(own[i]["fit"], own[best]["fit"],
                                                method=config.align.method)
       aligned.append({w: shared_head.normalize(shared_head.apply_linear_adapter(
-          adapter, shared_head.normalize(e))) for w, e in own[i].items()})
+          adapter, shared_head.normalize(own[i][w]))) for w in ("test", "index")})
       frozen_ok.append(None)  # nothing is trained: no model parameter can move
       continue
     model, variables = trained[i]
@@ -186,19 +186,18 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
 
   # Test split: queries = test images, index = training images (of the held-out classes
   # in the open set, where the heads' classes do not apply and only mP@k is reported).
-  ev = functools.partial(shared_head.evaluate_space, k=k_eval)
+  def ev(emb, head):
+    return shared_head.evaluate_space(emb["test"], y_test, emb["index"], y_index,
+                                      None if open_set else head, k=k_eval)
+
   rows = {"traditional": {}, "ours": {}}
   for i, spec in enumerate(specs):
-    rows["traditional"][spec.name] = ev(own[i]["test"], y_test, own[i]["index"], y_index,
-                                        None if open_set else heads[i])
-    rows["ours"][spec.name] = ev(aligned[i]["test"], y_test, aligned[i]["index"], y_index,
-                                 None if open_set else shared)
+    rows["traditional"][spec.name] = ev(own[i], heads[i])
+    rows["ours"][spec.name] = ev(aligned[i], shared)
   naive, ours = ({w: shared_head.combine([e[i][w] for i in range(len(specs))])
                   for w in ("test", "index")} for e in (own, aligned))
-  rows["traditional"]["mean"] = ev(naive["test"], y_test, naive["index"], y_index,
-                                   None if open_set else shared)
-  rows["ours"]["mean"] = ev(ours["test"], y_test, ours["index"], y_index,
-                            None if open_set else shared)
+  rows["traditional"]["mean"] = ev(naive, shared)
+  rows["ours"]["mean"] = ev(ours, shared)
   prob_avg = None
   if not open_set:  # for context: the usual classifier ensemble of the models' own heads
     from ensembling import metrics

@@ -252,21 +252,23 @@ def run_method(method: str, config, splits, workdir: str) -> dict[str, Any]:
   rows["cycle-1 end point (single model, 1/M budget)" if method == "starsse"
        else "end point (single model)"] = _single(end, y)
   if snaps is not None:
-    lg = np.stack([_logits(model, tree_lib.index(snaps, s), splits.x_test, config, strategy)
-                   for s in range(k)])                               # (S, M, N, C)
+    def snapshot_logits(tree):                                       # (S, M, N, C)
+      return np.stack([_logits(model, tree_lib.index(tree, s), splits.x_test, config, strategy)
+                       for s in range(k)])
+    snaps = _vars(snaps)
+    lg = snapshot_logits(snaps)
     rows[f"ensemble of {lg.shape[1]} snapshots"] = _per_seed(lg, y)
     rows["mean snapshot (single model)"] = [
         {n: float(np.mean([metrics.classification_metrics(ensemble.members_probs(l[None])[0], y)[n]
                            for l in seed_lg])) for n in COLUMNS} for seed_lg in lg]
-    if "batch_stats" in _vars(snaps) and config.traj.get("recalibrate_snapshots", True):
+    if "batch_stats" in snaps and config.traj.get("recalibrate_snapshots", True):
       # Each snapshot's running statistics lag its weights after a restart (badly so
       # with Keras's momentum 0.99): the same ensemble with every snapshot recalibrated.
-      re = recalibrate(model, _vars(snaps), splits.x_train, batch_size=config.batch_size,
-                       num_examples=config.recalibration_examples, seed=config.seed,
-                       member_dims=2)
-      lg = np.stack([_logits(model, tree_lib.index(re, s), splits.x_test, config, strategy)
-                     for s in range(k)])
-      rows[f"ensemble of {lg.shape[1]} snapshots, each BN recalibrated"] = _per_seed(lg, y)
+      recal_snaps = recalibrate(model, snaps, splits.x_train, batch_size=config.batch_size,
+                                num_examples=config.recalibration_examples, seed=config.seed,
+                                member_dims=2)
+      rows[f"ensemble of {lg.shape[1]} snapshots, each BN recalibrated"] = _per_seed(
+          snapshot_logits(recal_snaps), y)
   if method == "sgd":
     rows[f"independent ensemble of the {k} seeds ({k}x budget)"] = _per_seed(end[None], y)
   if method in ("swa", "starsse"):
