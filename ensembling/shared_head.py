@@ -143,6 +143,37 @@ def combine(embeddings_KxBxD) -> jax.Array:
   return jnp.mean(losses.l2_normalize(e), axis=0)
 
 
+def head_span_parts(embeddings_NxD, head: PyTree, *, rtol: float = 1e-6
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Splits L2-normalised embeddings into their parts inside / outside the head's span.
+
+  The ArcFace loss only sees an embedding through its cosines with the class centres,
+  so a frozen head pins the part of the embedding that lies in the span of its centres
+  and leaves the orthogonal rest unconstrained. When the head has fewer classes than
+  the embedding has dimensions (C < D), alignment to it fixes a C-dim subspace only.
+  This diagnostic says how much of each (normalised) embedding that subspace holds.
+
+  Args:
+    embeddings_NxD: embeddings (any norm; normalised here).
+    head: {"centers": (C, D)}.
+    rtol: singular values below rtol * the largest count as zero (rank-deficient heads).
+
+  Returns:
+    (inside, outside), both (N, D) float64, with inside + outside = the normalised
+    embeddings, inside in the span of the centres and outside orthogonal to it;
+    `(inside ** 2).sum(1)` is the fraction of each embedding's squared norm in the span.
+  """
+  e = normalize(embeddings_NxD)
+  centers = np.asarray(head["centers"], np.float64)
+  if e.ndim != 2 or centers.ndim != 2 or centers.shape[1] != e.shape[1]:
+    raise ValueError(f"Expected embeddings (N, D) and centers (C, D) with the same D, got "
+                     f"{e.shape} and {centers.shape}.")
+  _, sv, vt = np.linalg.svd(centers, full_matrices=False)
+  basis = vt[sv > rtol * max(float(sv.max(initial=0.0)), 1e-300)]  # (rank, D), orthonormal
+  inside = (e @ basis.T) @ basis
+  return inside, e - inside
+
+
 def aligned_loss(params: PyTree, batch: dict, key: jax.Array | None, *,
                  encode_fn: EncodeFn | None, scale: float, margin: float) -> jax.Array:
   """ArcFace loss of the shared-space embeddings against the shared head."""

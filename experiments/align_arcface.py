@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensembling import data, losses, members, models, optim, report, schedules, shared_head
-from ensembling import train
+from ensembling import data, losses, members, metrics, models, optim, report, schedules
+from ensembling import shared_head, train
 from ensembling import tree as tree_lib
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,21 @@ def _encoder(model, variables, mode: str, adapter_input: str = "features"):
   raise ValueError(f"Unknown alignment mode {mode!r}; use adapter or finetune.")
 
 
+def span_diagnostic(emb: dict, head, y_test, y_index, *, k: int) -> dict:
+  """How much of a model's query embeddings its own head pins, and where retrieval is.
+
+  `fraction`: mean share of the squared norm of the normalised test embeddings in the
+  span of the head's centres (the part an ArcFace head constrains); mP@k of the
+  retrieval with only the part inside / outside that span (None: nothing outside).
+  """
+  test, index = (shared_head.head_span_parts(emb[w], head) for w in ("test", "index"))
+  mp = lambda a, b: float(metrics.mean_precision_at_k(a, y_test, b, y_index, k=k))
+  has_outside = float(np.abs(test[1]).max(initial=0.0)) > 1e-6
+  return {"fraction": float(np.mean(np.sum(test[0] ** 2, axis=1))),
+          f"mP@{k} inside": mp(test[0], index[0]),
+          f"mP@{k} outside": mp(test[1], index[1]) if has_outside else None}
+
+
 def run_group(config, name: str, group, splits, workdir: str, retrieval=None) -> dict:
   """Trains, aligns and evaluates one group of models.
 
@@ -126,6 +141,8 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
 
   own = [own_embeddings(i) for i in range(len(specs))]
   heads = [{"centers": v["params"]["head"]["centers"]} for _, v in trained]
+  span = [span_diagnostic(own[i], heads[i], y_test, y_index, k=k_eval)
+          for i in range(len(specs))]
   y_fit = splits.y_train[:len(own[0]["fit"])]
   if select_on_retrieval:
     val_mp = [shared_head.evaluate_space(own[i]["rval"], retrieval.y_val, own[i]["index"],
@@ -200,7 +217,6 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
   rows["ours"]["mean"] = ev(ours, shared)
   prob_avg = None
   if not open_set:  # for context: the usual classifier ensemble of the models' own heads
-    from ensembling import metrics
     probs = np.mean([np.asarray(jax.nn.softmax(config.arcface.scale * shared_head.classify(
         own[i]["test"], heads[i]))) for i in range(len(specs))], axis=0)
     prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, y_test, k=1),
@@ -210,7 +226,7 @@ def run_group(config, name: str, group, splits, workdir: str, retrieval=None) ->
           "models": [s.name for s in specs],
           "val_mP": val_mp, "selected_on": "retrieval" if select_on_retrieval else
           "train_classes", "best": specs[best].name, "rows": rows,
-          "own_heads_prob_average": prob_avg, "frozen_leaves_unchanged": frozen_ok,
+          "own_heads_prob_average": prob_avg, "head_span": span, "frozen_leaves_unchanged": frozen_ok,
           "train_seconds": t_train, "align_seconds": t_align,
           "index_size": n_index, "num_queries": n_test}
 
@@ -266,6 +282,12 @@ def run(config, workdir: str) -> dict:
     if res["own_heads_prob_average"] is not None:
       md.append(f"Prob. average of the models' own heads: Acc@1 "
                 f"{res['own_heads_prob_average']['Acc@1']:.4f}. ")
+    sp = res["head_span"]
+    outside = [s[f"mP@{k} outside"] for s in sp]
+    md.append(f"Queries' own embeddings vs the span of their own head's centres: share of "
+              f"the squared norm inside {[round(s['fraction'], 3) for s in sp]}; mP@{k} "
+              f"with the part inside {[round(s[f'mP@{k} inside'], 4) for s in sp]}, "
+              f"outside {[None if o is None else round(o, 4) for o in outside]}. ")
     md.append(f"Validation mP@{k} (shared head chosen on {res['selected_on']}): "
               f"{np.round(res['val_mP'], 4).tolist()}. Frozen leaves "
               f"bit-identical after alignment: {res['frozen_leaves_unchanged']}. Train "

@@ -32,7 +32,32 @@ def test_align_arcface_runlocal(tmp_path):
           assert np.isfinite(v) and 0.0 <= v <= 1.0
     # The shared-head model is not retrained: its row is the same in both.
     assert g["rows"]["ours"][g["best"]] == g["rows"]["traditional"][g["best"]]
+    for sp in g["head_span"]:  # 10 centres in a 64-dim embedding: a proper subspace
+      assert 0.0 < sp["fraction"] < 1.0
+      assert 0.0 <= sp["mP@5 inside"] <= 1.0 and 0.0 <= sp["mP@5 outside"] <= 1.0
   assert "| ours | mP@5 |" in (tmp_path / "results.md").read_text()
+
+
+def test_span_diagnostic_finds_class_information_outside_the_head_span():
+  """Classes separated only orthogonally to the head's centres: retrieval works on the
+  part outside the span and is at chance inside it; a head spanning everything leaves
+  nothing outside."""
+  from experiments import align_arcface as exp
+  rng = np.random.default_rng(0)
+  d, n = 6, 400
+  centers = np.eye(d)[:2] * 3.0  # the head spans the first two axes
+  y = rng.integers(0, 4, 2 * n)
+  e = rng.normal(size=(2 * n, d))                 # the span part: noise only
+  e[:, 2:] = 0.05 * rng.normal(size=(2 * n, d - 2))
+  e[np.arange(2 * n), 2 + y] += 0.5               # the class lives on axes 2..5
+  emb = {"test": e[:n], "index": e[n:]}
+  out = exp.span_diagnostic(emb, {"centers": centers}, y[:n], y[n:], k=5)
+  n_e = e[:n] / np.linalg.norm(e[:n], axis=1, keepdims=True)
+  assert out["fraction"] == pytest.approx(np.mean(np.sum(n_e[:, :2] ** 2, axis=1)))
+  assert out["mP@5 outside"] == 1.0
+  assert out["mP@5 inside"] < 0.45  # chance is 0.25
+  full = exp.span_diagnostic(emb, {"centers": rng.normal(size=(d, d))}, y[:n], y[n:], k=5)
+  assert full["fraction"] == pytest.approx(1.0) and full["mP@5 outside"] is None
 
 
 def test_align_arcface_procrustes_reuses_models_and_keeps_each_space(tmp_path):

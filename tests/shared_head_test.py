@@ -119,3 +119,25 @@ def test_combine_classify_select_best_and_errors():
     shared_head.shared_embeddings(params, jnp.ones((2, 5)))
   with pytest.raises(ValueError, match="centers"):
     shared_head.init_aligned(None, encoder={}, head={"w": 1})
+
+
+def test_head_span_parts_against_explicit_projection():
+  rng = np.random.default_rng(3)
+  centers = rng.normal(size=(3, 7))
+  e = rng.normal(size=(20, 7)) * rng.uniform(0.1, 5.0, size=(20, 1))
+  inside, outside = shared_head.head_span_parts(e, {"centers": centers})
+  n = e / np.linalg.norm(e, axis=1, keepdims=True)
+  proj = centers.T @ np.linalg.solve(centers @ centers.T, centers)  # onto span(rows)
+  np.testing.assert_allclose(inside, n @ proj, atol=1e-10)
+  np.testing.assert_allclose(inside + outside, n, atol=1e-12)
+  np.testing.assert_allclose(outside @ centers.T, 0.0, atol=1e-10)
+  # embeddings in the span are all "inside"; a head with C >= D spans everything
+  np.testing.assert_allclose((shared_head.head_span_parts(
+      rng.normal(size=(4, 3)) @ centers, {"centers": centers})[0] ** 2).sum(1), 1.0)
+  full = shared_head.head_span_parts(e, {"centers": rng.normal(size=(9, 7))})
+  np.testing.assert_allclose(full[1], 0.0, atol=1e-10)
+  # a repeated centre does not add a dimension
+  dup = shared_head.head_span_parts(e, {"centers": np.concatenate([centers, centers[:1]])})
+  np.testing.assert_allclose(dup[0], inside, atol=1e-10)
+  with pytest.raises(ValueError, match="same D"):
+    shared_head.head_span_parts(e, {"centers": centers[:, :5]})
