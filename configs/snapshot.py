@@ -19,8 +19,8 @@ accuracy, NLL 0.2935 / 0.3035 / 0.3548; SSE ensemble of 4 snapshots 0.8908 / 0.8
 All numbers and commands: docs/results_trajectory.md.
 """
 
-from experiments import trajectory
+from ensembling import configlib
 
 
 def get_config(arg=None):
-  return trajectory.make_config("snapshot", arg)
+  return configlib.trajectory_config("snapshot", arg)

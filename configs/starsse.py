@@ -19,8 +19,8 @@ stats) 0.8734 / 0.8252 / 0.8585. The main table is `:methods=all,epochs=32`; all
 and commands: docs/results_trajectory.md.
 """
 
-from experiments import trajectory
+from ensembling import configlib
 
 
 def get_config(arg=None):
-  return trajectory.make_config("starsse", arg)
+  return configlib.trajectory_config("starsse", arg)

@@ -19,8 +19,8 @@ accuracy, NLL 0.2935 / 0.3035 / 0.3548; SWA with BN recalibration 0.8966 / 0.902
 `:methods=all,epochs=32`; all numbers and commands: docs/results_trajectory.md.
 """
 
-from experiments import trajectory
+from ensembling import configlib
 
 
 def get_config(arg=None):
-  return trajectory.make_config("swa", arg)
+  return configlib.trajectory_config("swa", arg)

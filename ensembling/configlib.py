@@ -1,8 +1,11 @@
-"""Helpers for `configs/*.py`: the shared base config and `:arg` parsing.
+"""Configs -> library calls: the only module of `ensembling` that knows ml_collections.
 
 A config file is `get_config(arg=None)`; users pick variants on the command line with
 `--config=configs/x.py:fashion_mnist,members=4,runlocal` and override any field with
-`--config.optim.learning_rate=0.1`.
+`--config.optim.learning_rate=0.1`. This module holds the shared base config, `:arg`
+parsing, the project's data folder, and the translations from config blocks to the
+keyword arguments the library takes (`model_from_config`, `optimizer_from_config`,
+`train_members_from_config`, `trajectory_plan`, ...).
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
+import optax
 
+from ensembling import data, models, optim, schedules, train, trajectory
+
+SHARED_DATA = "../shared/data"   # the project's data folder, beside the repository
 MODEL_DEFAULTS = {
     "mlp": dict(widths=(512, 512), dropout=0.0),
     "partitioned_mlp": dict(widths=(240, 560, 560), parts=4, dropout=0.1),
     "cnn": dict(stages=(32, 64, 128), dropouts=(0.2, 0.3, 0.4), batch_norm=True),
     "resnet": dict(blocks_per_stage=3, widths=(16, 32, 64), width_multiplier=1),
 }
-DATA_DIRS = {"fashion_mnist": "../shared/data/fashion-mnist",
-             "20newsgroups": "../shared/data/20newsgroups"}
+DATA_DIRS = {"fashion_mnist": f"{SHARED_DATA}/fashion-mnist",
+             "20newsgroups": f"{SHARED_DATA}/20newsgroups"}
 
 
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
@@ -64,7 +71,7 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
 
 
 def fashion_mnist_data(*, validation_size: int = 5000) -> ml_collections.ConfigDict:
-  """`config.data` for Fashion-MNIST from ../shared/data: 55,000 / 5,000 / 10,000."""
+  """`config.data` for Fashion-MNIST from the shared data folder: 55,000 / 5,000 / 10,000."""
   d = base_config().data
   d.name = "fashion_mnist"
   d.dir = DATA_DIRS["fashion_mnist"]
@@ -84,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 0          # 0: once per epoch
   c.checkpoint_every_steps = 0    # 0: once per epoch
   c.eval_batch_size = 1000
-  c.progress = True               # tqdm bars
+  c.progress = True               # tqdm bars (on a terminal only)
   c.data = ml_collections.ConfigDict(dict(
       name="digits",              # digits | fashion_mnist | mnist | a tfds name
       source="",                  # "" (by name) | builtin | idx | tfds
@@ -105,3 +112,170 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,         # 0: off
   ), type_safe=False)             # so that weight_decay / lr_scale may become per-member lists
   return c
+
+
+# --------------------------------------------------------------------------- config -> kwargs
+
+def load_data(config) -> data.Splits:
+  """The `config.data` splits (seeded by `config.seed`)."""
+  return data.load(config.data.to_dict(), seed=int(config.seed))
+
+
+def model_from_config(model_block, *, num_classes: int):
+  """The Linen model that `config.model` names."""
+  return models.make_model(**_plain(model_block), num_classes=num_classes)
+
+
+def schedule_from_config(optim_block, *, total_steps: int):
+  """The learning-rate schedule of `config.optim` ('constant' | 'cosine')."""
+  name = optim_block.get("schedule", "cosine")
+  lr = float(optim_block["learning_rate"])
+  if name == "constant":
+    return optax.constant_schedule(lr)
+  if name == "cosine":
+    return schedules.warmup_cosine(lr, total_steps,
+                                   warmup_steps=int(optim_block.get("warmup_steps", 0)))
+  raise ValueError(f"Unknown optim.schedule {name!r}; choose constant or cosine.")
+
+
+def optimizer_from_config(optim_block, *, schedule):
+  """`optim.make_optimizer` from `config.optim` (per-member lists set later, in the state)."""
+  wd = optim_block.get("weight_decay", 0.0)
+  return optim.make_optimizer(
+      name=optim_block.get("name", "sgd"), learning_rate=schedule,
+      momentum=optim_block.get("momentum", 0.9), nesterov=optim_block.get("nesterov", False),
+      weight_decay=float(wd) if not isinstance(wd, (list, tuple)) else 0.0,
+      grad_clip_norm=optim_block.get("grad_clip_norm", 0.0))
+
+
+def fit_kwargs(config, *, eval_data=None, eval_split: str = "val") -> dict:
+  """The `train.fit_members` keyword arguments that `config` sets."""
+  return dict(strategy=config.members_strategy, eval_data=eval_data, eval_split=eval_split,
+              eval_every=int(config.eval_every_steps),
+              checkpoint_every=int(config.checkpoint_every_steps),
+              eval_batch_size=int(config.eval_batch_size), progress=bool(config.progress))
+
+
+def train_members_from_config(config, splits: data.Splits, workdir: str | None, *,
+                              desc: str = "members", eval_every_epoch: bool = True,
+                              model=None):
+  """The deep ensemble `config` describes: (model, `train.TrainResult`).
+
+  K = `config.members` members of `config.model` (or `model`), `config.optim` with its
+  schedule over `config.epochs`, per-member `optim.lr_scale` / `optim.weight_decay`
+  lists, validation metrics every epoch (`eval_every_epoch`).
+  """
+  model = model or model_from_config(config.model, num_classes=splits.num_classes)
+  spe = data.num_steps_per_epoch(len(splits.x_train), int(config.batch_size))
+  schedule = schedule_from_config(config.optim, total_steps=spe * int(config.epochs))
+  tx = optimizer_from_config(config.optim, schedule=schedule)
+  res = train.train_members(
+      model, splits.x_train, splits.y_train, num_members=int(config.members), tx=tx,
+      epochs=int(config.epochs), batch_size=int(config.batch_size), seed=int(config.seed),
+      lr_scale=_plain(config.optim.get("lr_scale", 1.0)),
+      weight_decay=_plain(config.optim.get("weight_decay", 0.0)), workdir=workdir,
+      desc=desc, schedule=schedule,
+      **fit_kwargs(config, eval_data=(splits.x_val, splits.y_val) if eval_every_epoch else None))
+  return model, res
+
+
+def trajectory_plan(method: str, config, steps_per_epoch: int) -> trajectory.Plan:
+  """The `trajectory` plan of `method` at the budget `config.epochs` (`config.traj`)."""
+  t = config.traj
+  lr = float(config.optim.learning_rate)
+  total = steps_per_epoch * int(config.epochs)
+  if method == "sgd":
+    return trajectory.sgd_plan(base_lr=lr, total_steps=total)
+  if method == "snapshot":
+    return trajectory.sse_plan(base_lr=float(t.sse_lr), total_steps=total,
+                               num_cycles=int(t.num_cycles))
+  if method == "starsse":
+    return trajectory.starsse_plan(base_lr=float(t.sse_lr), total_steps=total,
+                                   num_cycles=int(t.num_cycles))
+  pre = int(round(float(t.pretrain_frac) * int(config.epochs))) * steps_per_epoch
+  if method == "fge":
+    return trajectory.fge_plan(base_lr=lr, total_steps=total, pretrain_steps=pre,
+                               cycle_steps=int(t.fge_cycle_epochs) * steps_per_epoch,
+                               lr_1=float(t.fge_lr_1), lr_2=float(t.fge_lr_2))
+  if method == "swa":
+    return trajectory.swa_plan(
+        base_lr=lr, total_steps=total, pretrain_steps=pre, swa_lr=float(t.swa_lr),
+        anneal_steps=int(t.swa_anneal_epochs) * steps_per_epoch,
+        every=max(1, int(round(float(t.swa_every_epochs) * steps_per_epoch))))
+  raise ValueError(f"Unknown method {method!r}; choose from {trajectory.METHODS}.")
+
+
+def trajectory_config(method: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The trajectory experiments' config; `method` is what `configs/<method>.py` compares.
+
+  Args (after ':' on the command line): preset (fashion_mnist | digits), arch
+  (mlp | cnn), epochs, seeds, methods ('+'-separated, or 'all'), limit_train, runlocal.
+  """
+  a = parse_arg(arg, preset="fashion_mnist", arch="mlp", epochs=0, seeds=3, methods="",
+                limit_train=0, runlocal=False)
+  c = base_config()
+  c.experiment = "trajectory"
+  chosen = a.methods or f"sgd+{method}"
+  c.methods = trajectory.METHODS if chosen == "all" else tuple(chosen.split("+"))
+  bad = sorted(set(c.methods) - set(trajectory.METHODS))
+  if bad:
+    raise ValueError(f"Unknown method(s) {bad}; choose from {trajectory.METHODS}.")
+  c.members = a.seeds              # independent trajectory runs, trained in one vmapped step
+  c.eval_per_epoch = 2             # test-accuracy points per epoch for the training curves
+  c.recalibration_examples = 0     # BN recalibration pass: 0 = the whole training split
+  if a.preset == "fashion_mnist":
+    c.data = fashion_mnist_data()
+    c.epochs = 8                   # shared 2-core CPU: 8 epochs x 5 methods x 3 seeds ~ 20 min
+    c.batch_size = 128
+    c.optim.learning_rate = 0.05
+    c.optim.weight_decay = 5e-4
+  elif a.preset == "digits":
+    c.epochs = 24
+    c.batch_size = 32
+    c.optim.learning_rate = 0.05
+    c.optim.weight_decay = 1e-4
+  else:
+    raise ValueError(f"Unknown preset {a.preset!r}; use fashion_mnist or digits.")
+  if a.arch == "mlp":
+    c.model = model_config("mlp", widths=(256, 256), dropout=0.0)
+    c.model.batch_norm = True      # SWA's BatchNorm problem needs BatchNorm
+  elif a.arch == "cnn":
+    c.model = model_config("cnn")  # thesis CNN: ELU + BN, dropout .2/.3/.4
+    c.optim.weight_decay = 1e-4
+  else:
+    raise ValueError(f"Unknown arch {a.arch!r}; use mlp or cnn.")
+  c.optim.schedule = "cosine"      # the SGD baseline: cosine decay over the whole budget
+  c.traj = ml_collections.ConfigDict(dict(
+      num_cycles=4,                # SSE / StarSSE: M cycles = M snapshots (M | epochs)
+      sse_lr=0.1,                  # SSE / StarSSE: α0 at every restart
+      pretrain_frac=0.5,           # FGE / SWA: share of the budget before cycling / averaging
+      fge_cycle_epochs=1,          # FGE: cycle length c (epochs)
+      fge_lr_1=0.02,               # FGE: cycle start / end rate
+      fge_lr_2=0.0005,             # FGE: midpoint rate (snapshots)
+      swa_lr=0.01,                 # SWA: constant rate while averaging
+      swa_anneal_epochs=1,         # SWA: cosine anneal from learning_rate to swa_lr
+      swa_every_epochs=0.5,        # SWA: average every half epoch after annealing
+      star_reset_optimizer=False,  # StarSSE: fresh optimizer state for every star cycle
+      recalibrate_snapshots=True,  # BN models: also report the snapshot ensemble with every
+                                   # snapshot's BN statistics recomputed (one pass each)
+  ))
+  if a.epochs:
+    c.epochs = a.epochs
+  if a.limit_train:
+    c.data.limit_train = a.limit_train
+  if a.runlocal:
+    c.members, c.epochs = 2, 4
+    c.data.limit_train = 512
+    c.traj.num_cycles = 2
+    c.traj.fge_cycle_epochs = 1
+    c.progress = False
+  return c
+
+
+def _plain(value):
+  """ConfigDict / FieldReference / list values as plain Python (dicts, tuples, numbers)."""
+  if isinstance(value, ml_collections.ConfigDict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_plain(v) for v in value)
+  return value

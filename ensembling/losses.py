@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -17,8 +18,20 @@ def softmax_cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *,
 
 # --------------------------------------------------------------------------- ArcFace
 
-def l2_normalize(x: jax.Array, *, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) along `axis` (finite values and gradients, also at x = 0)."""
+def l2_normalize(x, *, axis: int = -1, eps: float = 1e-12):
+  """x / max(||x||, eps) along `axis`: the library's one L2 normalisation.
+
+  JAX arrays (and tracers) stay JAX, with finite values and gradients also at x = 0;
+  NumPy arrays and lists are normalised in float64 and returned as NumPy (evaluation
+  code: cosines, Spearman, retrieval).
+
+  >>> import numpy as np
+  >>> l2_normalize(np.array([[3.0, 4.0]]))
+  array([[0.6, 0.8]])
+  """
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
   sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 

@@ -1,12 +1,31 @@
 """K members trained at once: init, one-member steps, and member-parallel wrappers.
 
-A member's training state is a plain dict::
+Every function takes any model the contract accepts (`models.as_model`: a Linen module or
+its `.apply`, an NNX module or factory, a pair of pure functions). A member's training
+state is a plain dict::
 
     {"params": ..., "batch_stats": ... (or {}), "opt_state": ..., "step": int32}
 
-The ensemble holds the same dict with a leading member axis on every leaf
-(`state_K`). `train_step` is written for one member; `ensemble_step` turns it into a
-member-parallel function with one of several strategies (see `STRATEGIES`).
+The ensemble holds the same dict with a leading member axis on every leaf (`state_K`).
+`train_step` is written for one member; `ensemble_step` turns it into a member-parallel
+function with one of several strategies (see `STRATEGIES`).
+
+Arrays passed in stay valid: nothing here donates its inputs unless asked
+(`ensemble_step(..., donate=True)`, for loops that own their state, as `train.fit` does
+with its own copy).
+
+Example (three members of a plain Linen module trained for one step):
+
+>>> import jax, jax.numpy as jnp, flax.linen as nn, optax
+>>> net = nn.Dense(2)
+>>> v = init_members(jax.random.key(0), net, jnp.ones((1, 3)), 3)
+>>> tx = optax.sgd(0.1)
+>>> state = init_states(v, tx)
+>>> step = ensemble_step(model=net, tx=tx, num_members=3)
+>>> batch = {"x": jnp.ones((3, 4, 3)), "y": jnp.zeros((3, 4), jnp.int32)}
+>>> state, metrics = step(state, batch, member_keys(jax.random.key(1), 3))
+>>> metrics["loss"].shape, step.strategy
+((3,), 'vmap')
 """
 
 from __future__ import annotations
@@ -20,24 +39,31 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ensembling import im2col as im2col_lib
 from ensembling import losses
 from ensembling import tree as tree_lib
+from ensembling.models.contract import as_model
 
 PyTree = Any
 State = dict[str, Any]
-STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "im2col", "unroll_im2col")
+STRATEGIES = ("auto", "vmap", "unroll", "map", "loop")
 MEMBER_AXIS = "members"
 
 
 # --------------------------------------------------------------------------- init
+
+def check_num_members(num_members) -> int:
+  """`num_members` as an int >= 1, or a ValueError naming it."""
+  if isinstance(num_members, bool) or int(num_members) != num_members or num_members < 1:
+    raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}.")
+  return int(num_members)
+
 
 def init_members(key: jax.Array, model, sample_input, num_members: int) -> PyTree:
   """Initialises `num_members` independent copies of `model`, stacked on axis 0.
 
   Args:
     key: PRNG key; member k uses `jax.random.split(key, K)[k]`.
-    model: a Flax Linen module taking `(x, *, train)`.
+    model: anything `models.as_model` accepts.
     sample_input: an example batch (shape only matters).
     num_members: K.
 
@@ -45,18 +71,15 @@ def init_members(key: jax.Array, model, sample_input, num_members: int) -> PyTre
     Variables (`params` and, if the model has BatchNorm, `batch_stats`) with a
     leading member axis of size K.
   """
-  if num_members < 1:
-    raise ValueError(f"num_members must be >= 1, got {num_members}.")
-  keys = jax.random.split(key, num_members)
+  k = check_num_members(num_members)
+  m = as_model(model)
+  if m.kind == "nnx_instance" and k > 1:
+    raise ValueError("An nnx.Module instance holds one set of weights, so its K members would "
+                     "be identical; pass a factory instead: "
+                     "`models.from_nnx(lambda rngs: MyModel(..., rngs=rngs))`.")
   x = jnp.asarray(sample_input)
-
-  @jax.jit
-  @jax.vmap
-  def init_one(k):
-    pk, dk = jax.random.split(k)
-    return model.init({"params": pk, "dropout": dk}, x, train=False)
-
-  return jax.tree.map(lambda a: a, dict(init_one(keys)))
+  variables = jax.jit(jax.vmap(lambda kk: m.init(kk, x)))(jax.random.split(key, k))
+  return dict(variables)
 
 
 def init_state(variables: PyTree, tx: optax.GradientTransformation) -> State:
@@ -75,44 +98,37 @@ def init_states(variables_K: PyTree, tx: optax.GradientTransformation) -> State:
   return jax.jit(jax.vmap(functools.partial(init_state, tx=tx)))(variables_K)
 
 
-def variables_of(state: State) -> PyTree:
-  """The Flax variables (`params`, `batch_stats` if any) held in a state."""
-  v = {"params": state["params"]}
-  if jax.tree.leaves(state.get("batch_stats", {})):
-    v["batch_stats"] = state["batch_stats"]
+def variables_of(tree: PyTree) -> PyTree:
+  """The model variables (`params`, and `batch_stats` if non-empty) of a state or variables."""
+  v = {"params": tree["params"]}
+  if jax.tree.leaves(tree.get("batch_stats", {})):
+    v["batch_stats"] = tree["batch_stats"]
   return v
 
 
 # --------------------------------------------------------------------------- steps
 
 def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array, *,
-               apply_fn: Callable, tx: optax.GradientTransformation,
+               model, tx: optax.GradientTransformation,
                loss_fn: Callable = losses.softmax_cross_entropy) -> tuple[State, dict]:
-  """One SGD step of one member.
+  """One optimizer step of one member.
 
   Args:
     state: the member's state dict.
     batch: {"x": (B, ...), "y": (B,)}.
     key: PRNG key for dropout.
-    apply_fn: `model.apply`.
+    model: anything `models.as_model` accepts.
     tx: the optax transformation.
     loss_fn: `loss_fn(logits, labels) -> scalar`.
 
   Returns:
     (new state, {"loss", "accuracy", "grad_norm"}).
   """
-  has_bn = bool(jax.tree.leaves(state["batch_stats"]))
+  m = as_model(model)
 
   def loss_of(params):
-    variables = {"params": params}
-    if has_bn:
-      variables["batch_stats"] = state["batch_stats"]
-      out, new_vars = apply_fn(variables, batch["x"], train=True, rngs={"dropout": key},
-                               mutable=["batch_stats"])
-      new_stats = new_vars["batch_stats"]
-    else:
-      out = apply_fn(variables, batch["x"], train=True, rngs={"dropout": key})
-      new_stats = state["batch_stats"]
+    variables = {"params": params, "batch_stats": state["batch_stats"]}
+    out, new_stats = m.apply(variables, batch["x"], train=True, key=key)
     return loss_fn(out.logits, batch["y"]), (out.logits, new_stats)
 
   (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
@@ -128,7 +144,7 @@ def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array, *,
   metrics = {
       "loss": loss,
       "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["y"]),
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
   }
   return new_state, metrics
 
@@ -136,7 +152,7 @@ def train_step(state: State, batch: dict[str, jax.Array], key: jax.Array, *,
 def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
   """Whether any parameter is a conv kernel (rank >= 4, plus the member axis)."""
   min_rank = 5 if stacked else 4
-  return any(np.ndim(x) >= min_rank for x in jax.tree.leaves(params))
+  return any(len(np.shape(x)) >= min_rank for x in jax.tree.leaves(params))
 
 
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
@@ -146,9 +162,8 @@ def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   dense layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs
   ~4x slower than K separate ones. On one CPU device, models with convolutions get
   'unroll' (K one-member steps traced into one jit, run one after the other): 1.25x the
-  loop at K=8 where 'unroll_im2col' was no faster and compiles 3x longer. On
-  accelerators, and with several devices (the member axis sharded), 'vmap' is the
-  default.
+  loop at K=8. On accelerators, and with several devices (the member axis sharded),
+  'vmap' is the default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -166,17 +181,12 @@ def over_members(fn: Callable, *, strategy: str, num_members: int,
   Strategies: 'vmap' (jit(vmap(fn))), 'unroll' (a Python loop over members traced
   into one jit: K separate computations in one program, chained with
   `optimization_barrier` so that XLA runs them one at a time instead of interleaving
-  them, which was 0.8x a loop unchained and 1.25x chained for a CNN at K=8), 'map' (`jax.lax.map` over
-  members inside jit), 'loop' (a Python loop of a jitted one-member function, outside
-  jit). 'im2col' and 'unroll_im2col' are 'vmap' and 'unroll' of `fn` with its
-  convolutions (forward and gradients) rewritten as slices + matrix products
-  (`im2col.convs_as_matmuls`): under vmap these become batched matmuls instead of
-  grouped convolutions. All return outputs stacked on axis 0 and compute the same
-  values (up to float32 summation order).
+  them, which was 0.8x a loop unchained and 1.25x chained for a CNN at K=8), 'map'
+  (`jax.lax.map` over members inside jit), 'loop' (a Python loop of a jitted one-member
+  function, outside jit). All return outputs stacked on axis 0 and compute the same
+  values (up to float32 summation order). `donate` lists argument positions whose
+  buffers may be reused ('loop' never donates).
   """
-  if strategy in ("im2col", "unroll_im2col"):
-    fn = im2col_lib.convs_as_matmuls(fn)
-    strategy = "vmap" if strategy == "im2col" else "unroll"
   if strategy == "vmap":
     return jax.jit(jax.vmap(fn), donate_argnums=donate)
   if strategy == "map":
@@ -198,36 +208,85 @@ def over_members(fn: Callable, *, strategy: str, num_members: int,
       outs = [one(*jax.tree.map(lambda x: x[k], args)) for k in range(num_members)]
       return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     return looped
-  raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES[1:]}.")
+  raise ValueError(f"Unknown strategy {strategy!r}; choose one of {STRATEGIES}.")
 
 
-def ensemble_step(*, apply_fn: Callable, tx: optax.GradientTransformation,
-                  num_members: int, strategy: str = "vmap",
-                  loss_fn: Callable = losses.softmax_cross_entropy,
-                  step_fn: Callable = train_step) -> Callable:
+class MemberStep:
+  """A member-parallel step `(state_K, batch_K, keys_K) -> (state_K, metrics_K)`.
+
+  `strategy` is the resolved strategy ('auto' is resolved on the first call, from the
+  parameters it sees).
+  """
+
+  def __init__(self, fn: Callable, *, strategy: str, num_members: int, donate: bool):
+    self._fn, self._requested = fn, strategy
+    self._num_members, self._donate = num_members, donate
+    self._compiled = None
+    self.strategy = None if strategy == "auto" else strategy
+    if strategy not in STRATEGIES:
+      raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
+
+  def resolve(self, params_K) -> str:
+    """Resolves 'auto' for these parameters (done by the first call otherwise)."""
+    if self._compiled is None:
+      self.strategy = resolve_strategy(self._requested, params_K)
+      self._compiled = over_members(self._fn, strategy=self.strategy,
+                                    num_members=self._num_members,
+                                    donate=(0,) if self._donate else ())
+    return self.strategy
+
+  def __call__(self, state_K, batch_K, keys_K):
+    self.resolve(state_K["params"])
+    return self._compiled(state_K, batch_K, keys_K)
+
+
+def ensemble_step(*, model, tx: optax.GradientTransformation, num_members: int,
+                  strategy: str = "auto", loss_fn: Callable = losses.softmax_cross_entropy,
+                  step_fn: Callable = train_step, donate: bool = False) -> MemberStep:
   """The member-parallel training step `(state_K, batch_K, keys_K) -> (state_K, metrics_K)`.
 
-  `batch_K` holds each member's own batch: {"x": (K, B, ...), "y": (K, B)}.
-  `strategy` must already be resolved (see `resolve_strategy`).
+  Args:
+    model: anything `models.as_model` accepts.
+    tx: the optimizer (per-member hyperparameters live in the stacked state).
+    num_members: K.
+    strategy: one of `STRATEGIES`; 'auto' is resolved on the first call.
+    loss_fn: `loss_fn(logits, labels) -> scalar`, passed to `step_fn`.
+    step_fn: a one-member step with `train_step`'s signature.
+    donate: let the step reuse the buffers of the `state_K` passed in (which are then
+      deleted). Off by default; turn it on only where a loop owns its state.
+
+  Returns:
+    A `MemberStep`; `batch_K` holds each member's own batch {"x": (K, B, ...), "y": (K, B)}.
   """
-  fn = functools.partial(step_fn, apply_fn=apply_fn, tx=tx, loss_fn=loss_fn)
-  return over_members(fn, strategy=strategy, num_members=num_members, donate=(0,))
+  fn = functools.partial(step_fn, model=as_model(model), tx=tx, loss_fn=loss_fn)
+  return MemberStep(fn, strategy=strategy, num_members=check_num_members(num_members),
+                    donate=donate)
 
 
 # --------------------------------------------------------------------------- eval
 
-def predict(apply_fn: Callable, variables_K: PyTree, x: np.ndarray, *,
-            batch_size: int = 1000, strategy: str = "vmap",
-            with_features: bool = False):
+def predict(model, variables_K: PyTree, x: np.ndarray, *, batch_size: int = 1000,
+            strategy: str = "auto", with_features: bool = False):
   """Every member's logits (K, N, C) on `x` (and features (K, N, D) if asked).
 
-  Runs in inference mode (`train=False`) over chunks of `batch_size` examples; every
-  member sees the same inputs.
-  """
-  k = tree_lib.num_members(variables_K)
-  strategy = resolve_strategy(strategy, variables_K.get("params", variables_K))
+  Runs in inference mode over chunks of `batch_size` examples; every member sees the
+  same inputs.
 
-  fwd = _predict_fn(apply_fn, with_features, strategy, k)
+  Args:
+    model: anything `models.as_model` accepts.
+    variables_K: stacked variables ({"params", "batch_stats"?}; a training state works).
+    x: inputs (N, ...).
+    batch_size: examples per forward pass.
+    strategy: member-parallel strategy ('auto' as for training).
+    with_features: also return the members' features.
+
+  Returns:
+    NumPy logits (K, N, C), or (logits, features (K, N, D)).
+  """
+  variables_K = variables_of(variables_K)
+  k = tree_lib.num_members(variables_K)
+  strategy = resolve_strategy(strategy, variables_K["params"])
+  fwd = _predict_fn(as_model(model), with_features, strategy, k)
   outs = []
   n = len(x)
   for start in range(0, n, batch_size):
@@ -246,9 +305,9 @@ def predict(apply_fn: Callable, variables_K: PyTree, x: np.ndarray, *,
 
 
 @functools.lru_cache(maxsize=32)
-def _predict_fn(apply_fn, with_features, strategy, k):
+def _predict_fn(model, with_features, strategy, k):
   def one(variables, xb):
-    out = apply_fn(variables, xb, train=False)
+    out, _ = model.apply(variables, xb, train=False, with_features=with_features)
     return (out.logits, out.features) if with_features else out.logits
   return over_members(one, strategy=strategy, num_members=k)
 
@@ -285,7 +344,7 @@ def shard_members(tree: PyTree, mesh: Mesh | None = None, *, axis: int = 0) -> P
 
 def member_keys(key: jax.Array, num_members: int) -> jax.Array:
   """One PRNG key per member (used for dropout; folded with the step each step)."""
-  return jax.random.split(key, num_members)
+  return jax.random.split(key, check_num_members(num_members))
 
 
 @jax.jit

@@ -131,8 +131,8 @@ def mean_precision_at_k(query_emb_QxD, query_labels_Q, index_emb_NxD, index_labe
   kk = k + 1 if exclude_self else k
   if not 1 <= kk <= len(x):
     raise ValueError(f"k={k} is out of range for an index of {len(x)} items.")
-  normalize = lambda a: a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-  q, x = normalize(q), normalize(x)
+  from ensembling.losses import l2_normalize
+  q, x = (l2_normalize(a).astype(np.float32) for a in (q, x))
   classes, counts = np.unique(xl, return_counts=True)
   m = np.zeros(len(q), np.int64)
   known = np.isin(ql, classes)

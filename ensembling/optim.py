@@ -8,11 +8,16 @@ each member its own values: a vector over the member axis.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from ensembling import tree as tree_lib
+
+PyTree = Any
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -45,15 +50,59 @@ def make_optimizer(*, name: str = "sgd", learning_rate: optax.ScalarOrSchedule =
   return optax.inject_hyperparams(build)(lr_scale=1.0, weight_decay=weight_decay)
 
 
-def optimizer_from_config(optim_config: Mapping[str, Any], *,
-                          schedule: optax.Schedule) -> optax.GradientTransformation:
-  wd = optim_config.get("weight_decay", 0.0)
-  return make_optimizer(
-      name=optim_config.get("name", "sgd"), learning_rate=schedule,
-      momentum=optim_config.get("momentum", 0.9),
-      nesterov=optim_config.get("nesterov", False),
-      weight_decay=float(wd) if np.ndim(wd) == 0 else 0.0,
-      grad_clip_norm=optim_config.get("grad_clip_norm", 0.0))
+def trainable_mask(params: PyTree, trainable: str | Sequence[str] | PyTree) -> PyTree:
+  """A tree of bools like `params`: True where a leaf is trained.
+
+  Args:
+    params: the parameter tree (structure and paths only).
+    trainable: regexes (`re.search`) over "a/b/c" paths, or already a tree of bools.
+
+  Returns:
+    The mask. Raises ValueError if nothing is trainable.
+  """
+  if isinstance(trainable, str) or (isinstance(trainable, (list, tuple))
+                                    and all(isinstance(p, str) for p in trainable)):
+    mask = tree_lib.path_mask(params, trainable)
+  else:
+    tree_lib.check_same_structure([params, trainable], what="params and trainable mask",
+                                  check_shapes=False)
+    mask = jax.tree.map(bool, trainable)
+  if not any(jax.tree.leaves(mask)):
+    names = [n for n, _ in tree_lib.named_leaves(params)]
+    raise ValueError(f"No parameter is trainable: {trainable!r} matches no path; paths are "
+                     f"{names[:12]}{' ...' if len(names) > 12 else ''}.")
+  return mask
+
+
+def freeze(tx: optax.GradientTransformation, params: PyTree, *,
+           trainable: str | Sequence[str] | PyTree) -> optax.GradientTransformation:
+  """`tx` on the trainable leaves; zero updates and no optimizer state for the rest.
+
+  One `optax.partition` over parameter paths: frozen leaves go through
+  `optax.set_to_zero()`, so they carry no optimizer state and stay bit-identical.
+
+  Args:
+    tx: the optimizer for the trained leaves.
+    params: the parameter tree (structure and paths only).
+    trainable: regexes over "a/b/c" paths (e.g. "^head/"), or a tree of bools.
+
+  Returns:
+    The partitioned transformation.
+
+  Example:
+
+  >>> import jax.numpy as jnp, optax
+  >>> params = {"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
+  >>> tx = freeze(optax.adam(0.1), params, trainable="^head/")
+  >>> state = tx.init(params)
+  >>> updates, _ = tx.update({"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}},
+  ...                        state, params)
+  >>> updates["body"]["w"].tolist(), updates["head"]["w"].tolist()
+  ([0.0, 0.0], [-0.1, -0.1])
+  """
+  mask = trainable_mask(params, trainable)
+  labels = jax.tree.map(lambda t: "trainable" if t else "frozen", mask)
+  return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def set_hyperparams(opt_state, **values):

@@ -19,7 +19,8 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15) -> dict[str, 
   Returns a dict with `members` (list of metric dicts), `best_member` (highest
   accuracy), `mean_member` (mean over members of each metric), `ensemble`
   (probability averaging), `logit_average`, `vote` (accuracy only: vote shares are
-  not calibrated probabilities), `disagreement` (K x K) and `mean_disagreement`.
+  not calibrated probabilities), `disagreement` (K x K), `mean_disagreement` and
+  `accuracy_vs_members` (the prob. average of the first k members, k = 1..K).
   """
   logits = np.asarray(logits_KxBxC)
   probs_K = ensemble.members_probs(logits)
@@ -37,6 +38,7 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15) -> dict[str, 
       "vote": {"accuracy": metrics.accuracy(np.asarray(ensemble.vote(logits)), labels_B)},
       "disagreement": metrics.disagreement_matrix(preds).tolist(),
       "mean_disagreement": metrics.mean_disagreement(preds),
+      "accuracy_vs_members": accuracy_vs_members(logits, labels_B),
   }
 
 
@@ -126,3 +128,42 @@ def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+# --------------------------------------------------------------------------- several seeds
+
+def seed_summary(per_seed: Sequence[Mapping[str, float]],
+                 columns: Sequence[str] = ("accuracy", "nll", "ece", "disagreement")
+                 ) -> dict[str, float]:
+  """Mean and std over seeds of each column present: {name, name_std}."""
+  out = {}
+  for n in columns:
+    vals = [r[n] for r in per_seed if n in r]
+    if vals:
+      out[n] = float(np.mean(vals))
+      out[n + "_std"] = float(np.std(vals))
+  return out
+
+
+def seed_cell(summary: Mapping[str, float], name: str, num_seeds: int, *,
+              digits: int = 4) -> str:
+  """"mean ± std" over several seeds, the plain value for one seed, '-' when absent."""
+  if name not in summary:
+    return "-"
+  if num_seeds == 1:
+    return f"{summary[name]:.{digits}f}"
+  return f"{summary[name]:.{digits}f} ± {summary[name + '_std']:.{digits}f}"
+
+
+def seed_table(results: Mapping[str, Mapping[str, Sequence[Mapping]]],
+               columns: Sequence[str] = ("accuracy", "nll", "ece", "disagreement")) -> str:
+  """A Markdown table of {group: {row: per-seed metrics}}: mean ± std per column."""
+  head = ("| method | row | " + " | ".join(columns) + " |\n|---|---|"
+          + "---|" * len(columns) + "\n")
+  body = ""
+  for group, rows in results.items():
+    for row, per_seed in rows.items():
+      s = seed_summary(per_seed, columns)
+      cells = [seed_cell(s, c, len(per_seed)) for c in columns]
+      body += f"| {group} | {row} | " + " | ".join(cells) + " |\n"
+  return head + body

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -18,17 +16,6 @@ def warmup_cosine(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
     return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps,
                                               max(total_steps, warmup_steps + 1), end_lr)
   return optax.cosine_decay_schedule(base_lr, total_steps, alpha=end_lr / base_lr if base_lr else 0.0)
-
-
-def make_schedule(optim_config: Mapping[str, Any], *, total_steps: int) -> optax.Schedule:
-  """The schedule that `config.optim.schedule` names ('constant' | 'cosine')."""
-  name = optim_config.get("schedule", "cosine")
-  lr = float(optim_config["learning_rate"])
-  if name == "constant":
-    return optax.constant_schedule(lr)
-  if name == "cosine":
-    return warmup_cosine(lr, total_steps, warmup_steps=int(optim_config.get("warmup_steps", 0)))
-  raise ValueError(f"Unknown optim.schedule {name!r}; choose constant or cosine.")
 
 
 # --------------------------------------------------------------------------- trajectories
@@ -56,9 +43,10 @@ def cycle_length(total_steps: int, num_cycles: int) -> int:
 def cosine_restarts(base_lr: float, total_steps: int, num_cycles: int) -> optax.Schedule:
   """Snapshot Ensembles' schedule, restarted `num_cycles` times (Huang et al., 2017).
 
-  α(t) = α0/2 · (cos(π · mod(t, ⌈T/M⌉) / ⌈T/M⌉) + 1) for the 0-based update index t:
-  the values of PyTorch's `CosineAnnealingWarmRestarts(T_0=⌈T/M⌉, eta_min=0)` stepped
-  once per iteration. With T not divisible by M the last cycle is cut short at T.
+  `optax.sgdr_schedule` with M cycles of ⌈T/M⌉ updates, each a cosine from `base_lr`
+  to 0: α(t) = α0/2 · (cos(π · mod(t, ⌈T/M⌉) / ⌈T/M⌉) + 1) for the 0-based update index
+  t < T, the values of PyTorch's `CosineAnnealingWarmRestarts(T_0=⌈T/M⌉, eta_min=0)`
+  stepped once per iteration. With T not divisible by M the last cycle is cut short at T.
 
   Args:
     base_lr: α0, the rate at the start of every cycle.
@@ -67,14 +55,17 @@ def cosine_restarts(base_lr: float, total_steps: int, num_cycles: int) -> optax.
 
   Returns:
     An optax schedule `step -> lr`.
+
+  Example:
+
+  >>> s = cosine_restarts(0.1, total_steps=8, num_cycles=2)
+  >>> [round(float(s(t)), 4) for t in (0, 2, 4, 6)]
+  [0.1, 0.05, 0.1, 0.05]
   """
   period = cycle_length(total_steps, num_cycles)
-
-  def schedule(step):
-    t = jnp.mod(jnp.asarray(step, jnp.float32), period)
-    return 0.5 * base_lr * (jnp.cos(jnp.pi * t / period) + 1.0)
-
-  return schedule
+  cycle = dict(init_value=base_lr, peak_value=base_lr, warmup_steps=0, decay_steps=period,
+               end_value=0.0)
+  return optax.sgdr_schedule([cycle] * int(num_cycles))
 
 
 def cosine_restarts_steps(total_steps: int, num_cycles: int) -> np.ndarray:
@@ -138,8 +129,9 @@ def swa_schedule(base_lr: float, swa_lr: float, *, anneal_steps: int,
   The closed form of PyTorch's `SWALR(optimizer, swa_lr, anneal_epochs=anneal_steps,
   anneal_strategy=anneal)` stepped once per update, starting from an optimizer at
   `base_lr`: lr(t) = base_lr + (swa_lr - base_lr)·f(min(1, t / anneal_steps)) with
-  f(u) = (1 - cos(πu))/2 ('cos') or f(u) = u ('linear'). `anneal_steps=0` holds
-  `swa_lr` from the first update.
+  f(u) = (1 - cos(πu))/2 ('cos': `optax.cosine_decay_schedule` with alpha =
+  swa_lr / base_lr) or f(u) = u ('linear': `optax.linear_schedule`). `anneal_steps=0`
+  holds `swa_lr` from the first update.
 
   Args:
     base_lr: the rate the annealing starts from.
@@ -154,15 +146,13 @@ def swa_schedule(base_lr: float, swa_lr: float, *, anneal_steps: int,
     raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}.")
   if anneal_steps < 0:
     raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}.")
-
-  def schedule(step):
-    if anneal_steps == 0:
-      return jnp.full(jnp.shape(step), swa_lr, jnp.float32)
-    u = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
-    f = (1.0 - jnp.cos(jnp.pi * u)) / 2.0 if anneal == "cos" else u
-    return base_lr + (swa_lr - base_lr) * f
-
-  return schedule
+  if anneal_steps == 0:
+    return optax.constant_schedule(swa_lr)
+  if anneal == "linear":
+    return optax.linear_schedule(base_lr, swa_lr, anneal_steps)
+  if base_lr == 0:
+    raise ValueError("base_lr must be non-zero for the cosine anneal.")
+  return optax.cosine_decay_schedule(base_lr, anneal_steps, alpha=swa_lr / base_lr)
 
 
 def swa_steps(start: int, total_steps: int, *, every: int) -> np.ndarray:

@@ -21,8 +21,9 @@ already holds the features). Two cases (seed 000, Sec. 3):
 - homogeneous (`trainable=FINETUNE`): the encoder (and adapter, if any) is fine-tuned
   under the frozen head.
 
-Freezing is one `optax.partition` over parameter paths (`freeze`); frozen leaves get
-zero updates and carry no optimizer state, so they stay bit-identical.
+Freezing is `optim.freeze` (one `optax.partition` over parameter paths); frozen leaves
+get zero updates and carry no optimizer state, so they stay bit-identical. Training runs
+in `train.fit`; the adapter is the library's linear layer (`models.linear`).
 
 Example (text or image features computed once by a frozen encoder)::
 
@@ -44,8 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import losses
+from ensembling import losses, optim, train
 from ensembling import tree as tree_lib
+from ensembling.losses import l2_normalize
+from ensembling.models.contract import as_model
+from ensembling.models.linear import apply_linear, init_linear
 
 PyTree = Any
 EncodeFn = Callable[..., jax.Array]
@@ -65,12 +69,6 @@ def select_best(scores: Sequence[float], *, higher_is_better: bool = True) -> in
   return int(np.argmax(s) if higher_is_better else np.argmin(s))
 
 
-def init_adapter(key: jax.Array, in_dim: int, out_dim: int) -> dict[str, jax.Array]:
-  """A linear layer (LeCun-normal kernel (in_dim, out_dim), zero bias)."""
-  kernel = jax.nn.initializers.lecun_normal()(key, (in_dim, out_dim), jnp.float32)
-  return {"kernel": kernel, "bias": jnp.zeros((out_dim,), jnp.float32)}
-
-
 def init_aligned(key: jax.Array | None, *, encoder: PyTree, head: PyTree,
                  in_dim: int | None = None) -> PyTree:
   """The parameter tree of one model to align.
@@ -88,45 +86,15 @@ def init_aligned(key: jax.Array | None, *, encoder: PyTree, head: PyTree,
   centers = head.get("centers") if isinstance(head, dict) else None
   if centers is None or np.ndim(centers) != 2:
     raise ValueError("head must be {'centers': (C, D) array}.")
-  adapter = {} if in_dim is None else init_adapter(key, int(in_dim), np.shape(centers)[1])
+  adapter = {} if in_dim is None else init_linear(key, int(in_dim), np.shape(centers)[1])
   return {"encoder": encoder, "adapter": adapter, "head": head}
-
-
-def freeze(tx: optax.GradientTransformation, params: PyTree, *,
-           trainable: Sequence[str]) -> optax.GradientTransformation:
-  """`tx` on the leaves whose "a/b/c" path matches a `trainable` regex, zero elsewhere.
-
-  One `optax.partition` over parameter paths (`tree.partition_labels`); frozen leaves
-  get `optax.set_to_zero()` updates and no optimizer state.
-  """
-  labels = trainable_labels(params, trainable=trainable)
-  if "trainable" not in jax.tree.leaves(labels):
-    raise ValueError(f"No parameter matches the trainable patterns {list(trainable)}; "
-                     f"paths are e.g. {[n for n, _ in tree_lib.named_leaves(params)][:5]}.")
-  return optax.partition({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def trainable_labels(params: PyTree, *, trainable: Sequence[str]) -> PyTree:
-  """"trainable" / "frozen" for every leaf (the labels `freeze` partitions on)."""
-  return tree_lib.partition_labels(params, [(p, "trainable") for p in trainable],
-                                   default="frozen")
-
-
-def apply_adapter(adapter: PyTree, features_BxF: jax.Array) -> jax.Array:
-  """features @ kernel + bias, or the features unchanged for an empty adapter."""
-  if not adapter:
-    return features_BxF
-  if features_BxF.shape[-1] != adapter["kernel"].shape[0]:
-    raise ValueError(f"Adapter expects {adapter['kernel'].shape[0]} input features, got "
-                     f"{features_BxF.shape[-1]}.")
-  return features_BxF @ adapter["kernel"] + adapter["bias"]
 
 
 def shared_embeddings(params: PyTree, x, *, encode_fn: EncodeFn | None = None,
                       train: bool = False, key: jax.Array | None = None) -> jax.Array:
   """The (un-normalised) embeddings of `x` in the shared space: adapter(encoder(x))."""
   feats = x if encode_fn is None else encode_fn(params["encoder"], x, train=train, key=key)
-  return apply_adapter(params["adapter"], jnp.asarray(feats))
+  return apply_linear(params["adapter"], jnp.asarray(feats))
 
 
 def classify(embeddings_BxD, head: PyTree) -> jax.Array:
@@ -140,7 +108,7 @@ def combine(embeddings_KxBxD) -> jax.Array:
       else jnp.stack([jnp.asarray(a) for a in embeddings_KxBxD])
   if e.ndim != 3:
     raise ValueError(f"Expected embeddings of shape (K, B, D), got {e.shape}.")
-  return jnp.mean(losses.l2_normalize(e), axis=0)
+  return jnp.mean(l2_normalize(e), axis=0)
 
 
 def head_span_parts(embeddings_NxD, head: PyTree, *, rtol: float = 1e-6
@@ -163,7 +131,7 @@ def head_span_parts(embeddings_NxD, head: PyTree, *, rtol: float = 1e-6
     embeddings, inside in the span of the centres and outside orthogonal to it;
     `(inside ** 2).sum(1)` is the fraction of each embedding's squared norm in the span.
   """
-  e = normalize(embeddings_NxD)
+  e = l2_normalize(np.asarray(embeddings_NxD))
   centers = np.asarray(head["centers"], np.float64)
   if e.ndim != 2 or centers.ndim != 2 or centers.shape[1] != e.shape[1]:
     raise ValueError(f"Expected embeddings (N, D) and centers (C, D) with the same D, got "
@@ -182,83 +150,110 @@ def aligned_loss(params: PyTree, batch: dict, key: jax.Array | None, *,
                              margin=margin)
 
 
-def make_step(tx: optax.GradientTransformation, *, encode_fn: EncodeFn | None = None,
-              scale: float = 64.0, margin: float = 0.5) -> Callable:
-  """A jitted `(params, opt_state, batch, key) -> (params, opt_state, loss)`.
-
-  `tx` should already be `freeze(...)`-ed.
-  """
-  def step(params, opt_state, batch, key):
-    loss, grads = jax.value_and_grad(aligned_loss)(params, batch, key, encode_fn=encode_fn,
-                                                   scale=scale, margin=margin)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-  return jax.jit(step)
-
-
 def fit_aligned(params: PyTree, x, y, *, tx: optax.GradientTransformation,
                 trainable: Sequence[str] = ADAPTER_ONLY, num_steps: int,
                 batch_size: int = 128, encode_fn: EncodeFn | None = None,
-                scale: float = 64.0, margin: float = 0.5,
-                seed: int = 0) -> tuple[PyTree, np.ndarray]:
-  """Trains the `trainable` part of `params` under the frozen shared head.
+                scale: float = 64.0, margin: float = 0.5, seed: int = 0,
+                progress: bool = False) -> tuple[PyTree, np.ndarray]:
+  """Trains the `trainable` part of `params` under the frozen shared head (`train.fit`).
 
   Args:
     params: from `init_aligned`.
     x, y: training inputs (or features if `encode_fn` is None) and integer labels.
-    tx: the optimizer for the trainable leaves (frozen ones are zeroed by `freeze`).
+    tx: the optimizer for the trainable leaves (the rest is frozen by `optim.freeze`).
     trainable: regexes over "a/b/c" paths: `ADAPTER_ONLY` or `FINETUNE`.
-    num_steps: SGD steps; batches are reshuffled every epoch (seeded).
+    num_steps: optimizer steps; batches follow `train.make_batch_fn(x, y, seed=seed)`.
     batch_size: examples per step.
     encode_fn: `(encoder_params, x, *, train, key) -> features`; None: x are features.
     scale, margin: ArcFace s and m.
     seed: data order and dropout keys.
+    progress: a progress bar.
 
   Returns:
-    (params, losses): the trained tree (frozen leaves are the very same arrays'
-    values) and the loss of every step.
+    (params, losses): the trained tree (frozen leaves keep their values bit for bit)
+    and the mean loss of every step.
   """
   x = np.asarray(x) if not isinstance(x, jax.Array) else x
   y = np.asarray(y, np.int32)
-  if len(x) != len(y):
-    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
-  if batch_size > len(y):
-    raise ValueError(f"batch_size {batch_size} exceeds the {len(y)} training examples.")
-  ftx = freeze(tx, params, trainable=trainable)
-  opt_state = ftx.init(params)
-  step = make_step(ftx, encode_fn=encode_fn, scale=scale, margin=margin)
-  rng = np.random.default_rng(seed)
-  key = jax.random.key(seed)
-  per_epoch = len(y) // batch_size
-  order = None
-  out = np.zeros((num_steps,), np.float32)
-  for t in range(num_steps):
-    if t % per_epoch == 0:
-      order = rng.permutation(len(y))
-    idx = np.sort(order[(t % per_epoch) * batch_size:(t % per_epoch + 1) * batch_size])
-    batch = {"x": x[idx], "y": y[idx]}
-    params, opt_state, loss = step(params, opt_state, batch, jax.random.fold_in(key, t))
-    out[t] = loss
-  if not np.isfinite(out).all():
-    raise FloatingPointError(f"Alignment loss became non-finite at step "
-                             f"{int(np.flatnonzero(~np.isfinite(out))[0])}.")
-  return params, out
+  batch_fn, _ = train.make_batch_fn(x, y, seed=seed, batch_size=batch_size)
+  ftx = optim.freeze(tx, params, trainable=trainable)
+  loss_fn = lambda p, batch, key: aligned_loss(p, batch, key, encode_fn=encode_fn, scale=scale,
+                                               margin=margin)
+  state, _, history = train.fit(train.init_pytree_state(params, ftx),
+                                step_fn=train.pytree_step(loss_fn, ftx), batch_fn=batch_fn,
+                                num_steps=int(num_steps), key=jax.random.key(seed),
+                                eval_every=1, progress=progress, desc="align")
+  return state["params"], np.asarray([r["train_loss"] for r in history], np.float32)
 
 
-def flax_encoder(apply_fn: Callable, *, output: str = "features",
-                 train_mode: bool = True) -> EncodeFn:
-  """An `encode_fn` from a Flax model returning `Output` (or any NamedTuple).
+def encoder_for(model, variables: PyTree, *, mode: str, adapter_input: str = "features"):
+  """What one trained ArcFace model contributes to alignment, by mode.
 
   Args:
-    apply_fn: `model.apply`; the encoder params are its full variables dict.
-    output: which field to return ("features").
-    train_mode: run the model with `train=True` while training (dropout on). Set
-      False for models with BatchNorm: their statistics are then used, not updated.
+    model: an `ArcFaceModel` (backbone -> `embed` -> `head`).
+    variables: its variables.
+    mode: "adapter" (frozen model, a new linear layer into the shared space) or
+      "finetune" (backbone and embedding layer trained under the shared head).
+    adapter_input: for "adapter": "features" (the backbone's features) or "embedding"
+      (the model's own embedding, seed 000's f_i).
+
+  Returns:
+    (encoder params, encode_fn, needs_adapter, trainable patterns).
   """
+  if mode == "adapter" and adapter_input == "embedding":
+    return variables, flax_encoder(model, train_mode=False), True, ADAPTER_ONLY
+  if mode == "adapter":
+    if adapter_input != "features":
+      raise ValueError(f"Unknown adapter_input {adapter_input!r}; use features or embedding.")
+    enc = {"params": variables["params"]["backbone"]}
+    if "batch_stats" in variables:
+      enc["batch_stats"] = variables["batch_stats"]["backbone"]
+    return enc, flax_encoder(model.backbone, train_mode=False), True, ADAPTER_ONLY
+  if mode == "finetune":
+    encode_fn = flax_encoder(model, train_mode="batch_stats" not in variables)
+    return variables, encode_fn, False, ("^encoder/params/(backbone|embed)/",)
+  raise ValueError(f"Unknown alignment mode {mode!r}; use adapter or finetune.")
+
+
+def span_diagnostic(emb: Mapping[str, np.ndarray], head: PyTree, y_test, y_index, *,
+                    k: int) -> dict:
+  """How much of a model's query embeddings its own head pins, and where retrieval is.
+
+  Args:
+    emb: {"test": queries (Q, D), "index": index (N, D)} embeddings.
+    head: {"centers": (C, D)}.
+    y_test, y_index: their labels.
+    k: the mP@k cut-off.
+
+  Returns:
+    `fraction`: mean share of the squared norm of the normalised test embeddings in the
+    span of the head's centres (the part an ArcFace head constrains); mP@k of the
+    retrieval with only the part inside / outside that span (None: nothing outside).
+  """
+  from ensembling import metrics
+  test, index = (head_span_parts(emb[w], head) for w in ("test", "index"))
+  mp = lambda a, b: float(metrics.mean_precision_at_k(a, y_test, b, y_index, k=k))
+  has_outside = float(np.abs(test[1]).max(initial=0.0)) > 1e-6
+  return {"fraction": float(np.mean(np.sum(test[0] ** 2, axis=1))),
+          f"mP@{k} inside": mp(test[0], index[0]),
+          f"mP@{k} outside": mp(test[1], index[1]) if has_outside else None}
+
+
+def flax_encoder(model, *, train_mode: bool = True) -> EncodeFn:
+  """An `encode_fn` returning a model's features (any model of `models.as_model`).
+
+  Args:
+    model: the encoder; its params are its full variables dict.
+    train_mode: run the model in training mode while training (dropout on). Set False
+      for models with BatchNorm: their statistics are then used, not updated.
+  """
+  m = as_model(model)
+
   def encode(variables, x, *, train: bool, key):
     use_train = bool(train and train_mode)
-    rngs = {"dropout": key} if (use_train and key is not None) else {}
-    return getattr(apply_fn(variables, x, train=use_train, rngs=rngs), output)
+    out, _ = m.apply(variables, x, train=use_train, key=key if use_train else None,
+                     with_features=True)
+    return out.features
   return encode
 
 
@@ -289,17 +284,6 @@ def evaluate_space(query_emb, query_labels, index_emb, index_labels, head: PyTre
 # embeddings of the same inputs (no labels, no head): closed form or a short InfoNCE fit.
 # Used for sentence encoders (text.py) and as a closed-form alternative to `fit_aligned`.
 
-def normalize(x: np.ndarray) -> np.ndarray:
-  """Rows scaled to unit L2 norm."""
-  x = np.asarray(x, np.float64)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def apply_linear_adapter(adapter: Mapping[str, np.ndarray], x_NxD: np.ndarray) -> np.ndarray:
-  """x @ kernel + bias."""
-  return np.asarray(x_NxD) @ np.asarray(adapter["kernel"]) + np.asarray(adapter["bias"])
-
-
 def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
                        method: str = "lstsq", l2: float = 1e-3, steps: int = 300,
                        learning_rate: float = 1e-3, batch_size: int = 256,
@@ -320,11 +304,11 @@ def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
     steps, learning_rate, batch_size, temperature, seed: for "info_nce".
 
   Returns:
-    {"kernel": (D, E), "bias": (E,)} float32, for `apply_linear_adapter`.
+    {"kernel": (D, E), "bias": (E,)} float32, for `models.linear.apply_linear`.
   """
   if method not in ADAPTER_METHODS:
     raise ValueError(f"Unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}.")
-  x, y = normalize(source_NxD), normalize(target_NxE)
+  x, y = l2_normalize(np.asarray(source_NxD)), l2_normalize(np.asarray(target_NxE))
   if x.ndim != 2 or y.ndim != 2 or len(x) != len(y):
     raise ValueError(f"Expected source (N, D) and target (N, E) with the same N, got "
                      f"{x.shape} and {y.shape}.")
@@ -349,19 +333,11 @@ def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
 
 def _fit_info_nce_adapter(init, x, y, *, steps, learning_rate, batch_size, temperature, seed):
   tx = optax.adam(learning_rate)
-  params = jax.tree.map(jnp.asarray, init)
-  opt_state = tx.init(params)
-
-  @jax.jit
-  def step(params, opt_state, xb, yb):
-    loss, g = jax.value_and_grad(
-        lambda p: losses.info_nce(xb @ p["kernel"] + p["bias"], yb, temperature=temperature)
-    )(params)
-    updates, opt_state = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    idx = rng.choice(len(x), size=batch_size, replace=False)
-    params, opt_state, _ = step(params, opt_state, x[idx], y[idx])
-  return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+  loss_fn = lambda p, batch, key: losses.info_nce(apply_linear(p, batch["x"]), batch["y"],
+                                                  temperature=temperature)
+  batch_fn, _ = train.make_batch_fn(x, y, seed=seed, batch_size=batch_size)
+  state, _, _ = train.fit(train.init_pytree_state(jax.tree.map(jnp.asarray, init), tx),
+                          step_fn=train.pytree_step(loss_fn, tx), batch_fn=batch_fn,
+                          num_steps=int(steps), key=jax.random.key(seed), progress=False,
+                          desc="InfoNCE adapter")
+  return jax.tree.map(lambda a: np.asarray(a, np.float32), state["params"])

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ensembling import optim, train
 from ensembling import tree as tree_lib
 
 PyTree = Any
@@ -412,28 +413,22 @@ def learned_soup(ingredients: PyTree | Sequence[PyTree], loss_fn: Callable,
   coef = {"a": jnp.zeros((num_leaves, n) if per_layer else (n,), jnp.float32),
           "b": jnp.zeros((), jnp.float32)}
   tx = optimizer or optax.adam(learning_rate)
-  if not learn_temperature:
-    tx = optax.chain(optax.masked(optax.set_to_zero(), {"a": False, "b": True}), tx)
-  opt_state = tx.init(coef)
-  get = batches if callable(batches) else (lambda t: batches[t % len(batches)])
+  if not learn_temperature:  # beta stays exactly 1 and carries no optimizer state
+    tx = optim.freeze(tx, coef, trainable="^a$")
   if not callable(batches) and len(batches) == 0:
     raise ValueError("learned_soup needs at least one held-out batch.")
+  get = batches if callable(batches) else (lambda t: batches[t % len(batches)])
 
-  def objective(c, batch):
+  def objective(c, batch, key):
+    del key
     return loss_fn(mix(stacked, c["a"], per_layer=per_layer), batch, jnp.exp(c["b"]))
 
-  @jax.jit
-  def step(c, s, batch):
-    loss, g = jax.value_and_grad(objective)(c, batch)
-    u, s = tx.update(g, s, c)
-    return optax.apply_updates(c, u), s, loss
-
-  losses = []
-  for t in range(steps):
-    coef, opt_state, loss = step(coef, opt_state, get(t))
-    losses.append(float(loss))
-  if not np.isfinite(losses[-1]):
-    raise FloatingPointError(f"learned_soup loss became {losses[-1]}; lower learning_rate.")
+  state, _, history = train.fit(train.init_pytree_state(coef, tx),
+                                step_fn=train.pytree_step(objective, tx), batch_fn=get,
+                                num_steps=int(steps), key=jax.random.key(0), eval_every=1,
+                                progress=False, desc="learned soup")
+  coef = state["params"]
+  losses = [r["train_loss"] for r in history]
   params = mix(stacked, coef["a"], per_layer=per_layer)
   w_local = np.asarray(jax.nn.softmax(coef["a"], axis=-1))
   w = _weights_over_all(w_local, valid, k)

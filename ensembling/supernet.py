@@ -4,26 +4,27 @@ Seed 003 (Bukowski & Dzwinel, "SuperNet - an efficient method of neural networks
 ensembling") concatenates the penultimate features of K trained sub-networks and
 trains only a new dense softmax layer over them (K*D -> C). This module holds:
 
-- the new layer (`init_head`, `apply_head`) with three initialisations: `random`,
+- the new layer (`init_head`; applied with `models.linear.apply_linear`) with three
+  initialisations: `random`,
   `copy` (the members' `head` kernels stacked, biases averaged) and `copy_scaled`
   (copied kernels times a factor, 1/K by default, which makes the initial SuperNet
   exactly the logit average of the members);
-- freezing by parameter paths (`train_only`: an `optax.partition` whose frozen
-  leaves get `optax.set_to_zero`, so they carry no optimizer state and stay
-  bit-identical);
 - the whole SuperNet as one pytree `{"members": variables_K, "head": head}` with
   `supernet_apply` (used to check that the cached path equals the full one);
-- head training on cached features (`cache_features`, `fit_head`): the members run
-  once per split, after which an epoch is a matrix multiply per batch inside one
-  `lax.scan`;
+- head training on cached features (`cache_features`, `fit_head`, `train_head`): the
+  members run once per split, after which an epoch is one step of `train.fit` (a matrix
+  multiply per batch inside one `lax.scan`);
 - the thesis's last-layer boost (`layerwise_boost`): retrain only the layers matching
-  a list of path patterns, one stage at a time from the top (Table 3).
+  a list of path patterns, one stage at a time from the top (Table 3), frozen with
+  `optim.freeze`.
+
+Every function takes any model of the contract (`models.as_model`); members must expose
+features (return `Output`, or be Linen modules whose last `nn.Dense` reads them).
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -32,9 +33,11 @@ import numpy as np
 import optax
 
 from ensembling import data as data_lib
-from ensembling import losses, members
+from ensembling import losses, members, optim, train
 from ensembling import tree as tree_lib
 from ensembling.models.common import Output
+from ensembling.models.contract import as_model
+from ensembling.models.linear import apply_linear, init_linear
 
 PyTree = Any
 INITS = ("random", "copy", "copy_scaled")
@@ -68,13 +71,13 @@ def first_members(features_NxF, *, num_members: int, feature_dim: int):
   return f[..., : num_members * feature_dim]
 
 
-def cache_features(apply_fn: Callable, variables_K: PyTree,
+def cache_features(model, variables_K: PyTree,
                    splits: Mapping[str, np.ndarray], *, batch_size: int = 1000,
                    strategy: str = "auto") -> dict[str, dict[str, np.ndarray]]:
   """Runs the frozen members once per split.
 
   Args:
-    apply_fn: the members' `model.apply`.
+    model: the members' model (anything `models.as_model` accepts).
     variables_K: stacked member variables.
     splits: {name: x} arrays.
     batch_size: inference chunk size.
@@ -85,7 +88,7 @@ def cache_features(apply_fn: Callable, variables_K: PyTree,
   """
   out = {}
   for name, x in splits.items():
-    logits, feats = members.predict(apply_fn, variables_K, x, batch_size=batch_size,
+    logits, feats = members.predict(model, variables_K, x, batch_size=batch_size,
                                     strategy=strategy, with_features=True)
     out[name] = {"features": np.asarray(concat_features(feats)), "logits": logits}
   return out
@@ -113,7 +116,8 @@ def member_heads(params_K: PyTree, *, name: str = "head") -> tuple[jax.Array, ja
 
 def partitioned_heads(params: PyTree) -> tuple[jax.Array, jax.Array]:
   """A `PartitionedMLP`'s per-part heads as (P, D, C) kernels and (P, C) biases."""
-  return params["head_kernel"], params["head_bias"][:, 0, :]
+  head = params["parts"]["mlp"]["head"]
+  return head["kernel"], head["bias"]
 
 
 def init_head(key: jax.Array, *, num_features: int, num_classes: int,
@@ -140,8 +144,7 @@ def init_head(key: jax.Array, *, num_features: int, num_classes: int,
   if init not in INITS:
     raise ValueError(f"Unknown head init {init!r}; choose one of {INITS}.")
   if init == "random":
-    kernel = jax.nn.initializers.lecun_normal()(key, (num_features, num_classes), jnp.float32)
-    return {"kernel": kernel, "bias": jnp.zeros((num_classes,), jnp.float32)}
+    return init_linear(key, num_features, num_classes)
   if kernels_KxDxC is None or biases_KxC is None:
     raise ValueError(f"init={init!r} needs the members' kernels_KxDxC and biases_KxC.")
   kernels = jnp.asarray(kernels_KxDxC, jnp.float32)
@@ -158,11 +161,6 @@ def init_head(key: jax.Array, *, num_features: int, num_classes: int,
   return {"kernel": kernels.reshape(k * d, c) * factor, "bias": biases.mean(0)}
 
 
-def apply_head(head: Mapping[str, jax.Array], features_NxF) -> jax.Array:
-  """SuperNet logits (N, C) from concatenated features (N, F)."""
-  return jnp.asarray(features_NxF) @ head["kernel"] + head["bias"]
-
-
 def l2_penalty(head: Mapping[str, jax.Array]) -> jax.Array:
   """sum(kernel^2) + sum(bias^2): Keras's `l2(alpha)` on weights and bias, sans alpha."""
   return jnp.sum(jnp.square(head["kernel"])) + jnp.sum(jnp.square(head["bias"]))
@@ -170,7 +168,7 @@ def l2_penalty(head: Mapping[str, jax.Array]) -> jax.Array:
 
 def head_loss(head, features_NxF, labels_N, *, l2: float = 0.0) -> jax.Array:
   """Mean cross-entropy of the head plus `l2 * l2_penalty(head)`."""
-  loss = losses.softmax_cross_entropy(apply_head(head, features_NxF), labels_N)
+  loss = losses.softmax_cross_entropy(apply_linear(head, features_NxF), labels_N)
   return loss + l2 * l2_penalty(head) if l2 else loss
 
 
@@ -181,12 +179,12 @@ def supernet_params(variables_K: PyTree, head: PyTree) -> dict[str, PyTree]:
   return {"members": variables_K, "head": head}
 
 
-def supernet_apply(apply_fn: Callable, params: Mapping[str, PyTree], x, *,
+def supernet_apply(model, params: Mapping[str, PyTree], x, *,
                    strategy: str = "vmap") -> Output:
   """The full SuperNet forward pass (members in inference mode, then the head).
 
   Args:
-    apply_fn: the members' `model.apply`.
+    model: the members' model (anything `models.as_model` accepts).
     params: `supernet_params(variables_K, head)`.
     x: a batch (B, ...).
     strategy: `vmap` or `unroll` over members (both trace into the caller's jit).
@@ -196,7 +194,8 @@ def supernet_apply(apply_fn: Callable, params: Mapping[str, PyTree], x, *,
   """
   variables_K = params["members"]
   k = tree_lib.num_members(variables_K)
-  one = lambda v: apply_fn(v, x, train=False).features
+  m = as_model(model)
+  one = lambda v: m.apply(v, x, train=False, with_features=True)[0].features
   if strategy == "vmap":
     feats = jax.vmap(one)(variables_K)
   elif strategy == "unroll":
@@ -204,45 +203,19 @@ def supernet_apply(apply_fn: Callable, params: Mapping[str, PyTree], x, *,
   else:
     raise ValueError(f"supernet_apply supports strategy vmap or unroll, got {strategy!r}.")
   f = concat_features(feats)
-  return Output(f, apply_head(params["head"], f))
+  return Output(f, apply_linear(params["head"], f))
 
 
-# --------------------------------------------------------------------------- freezing
+# --------------------------------------------------------------------------- boosting steps
 
-def train_only(tx: optax.GradientTransformation, params: PyTree,
-               patterns: str | Sequence[str]) -> optax.GradientTransformation:
-  """`tx` on the leaves whose "a/b/c" path matches a regex in `patterns`; the rest frozen.
-
-  Frozen leaves go through `optax.set_to_zero()` inside `optax.partition`, so they
-  carry no optimizer state and their updates are exactly zero.
-
-  Args:
-    tx: the optimizer for the trained leaves.
-    params: the parameter tree (structure and paths only).
-    patterns: regexes (`re.search`) over paths such as "head/kernel".
-
-  Returns:
-    The partitioned transformation. Raises ValueError if no leaf matches.
-  """
-  mask = tree_lib.path_mask(params, patterns)
-  if not any(jax.tree.leaves(mask)):
-    names = [n for n, _ in tree_lib.named_leaves(params)]
-    raise ValueError(f"No parameter path matches {patterns!r}; paths are {names[:12]}"
-                     f"{' ...' if len(names) > 12 else ''}.")
-  pats = [patterns] if isinstance(patterns, str) else list(patterns)
-  labels = tree_lib.partition_labels(params, [(p, "train") for p in pats], "frozen")
-  return optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
-
-
-def frozen_stats_step(state, batch, key, *, apply_fn: Callable,
-                      tx: optax.GradientTransformation,
+def frozen_stats_step(state, batch, key, *, model, tx: optax.GradientTransformation,
                       loss_fn: Callable = losses.softmax_cross_entropy):
   """`members.train_step` that leaves BatchNorm statistics untouched.
 
-  Used with `train_only` when most layers are frozen: the frozen layers' running
+  Used with `optim.freeze` when most layers are frozen: the frozen layers' running
   statistics must not drift either (Keras freezes BN the same way).
   """
-  new_state, metrics = members.train_step(state, batch, key, apply_fn=apply_fn, tx=tx,
+  new_state, metrics = members.train_step(state, batch, key, model=model, tx=tx,
                                           loss_fn=loss_fn)
   return {**new_state, "batch_stats": state["batch_stats"]}, metrics
 
@@ -263,23 +236,31 @@ def feature_dropout(key: jax.Array, features, rate: float):
   return jnp.where(keep, features / (1.0 - rate), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("tx", "l2", "dropout"))
-def _head_epoch(head, opt_state, features, labels, idx_SxB, key, *, tx, l2, dropout):
-  def body(carry, xs):
-    h, o = carry
-    idx, k = xs
-    f = feature_dropout(k, features[idx], dropout)
-    loss, grads = jax.value_and_grad(head_loss)(h, f, labels[idx], l2=l2)
-    updates, o = tx.update(grads, o, h)
-    return (optax.apply_updates(h, updates), o), loss
-  keys = jax.random.split(key, idx_SxB.shape[0])
-  (head, opt_state), losses_S = jax.lax.scan(body, (head, opt_state), (idx_SxB, keys))
-  return head, opt_state, losses_S.mean()
+@functools.lru_cache(maxsize=16)
+def _head_epoch_step(tx: optax.GradientTransformation, l2: float, dropout: float) -> Callable:
+  """One head-training epoch as one `train.fit` step: a `lax.scan` over its batches."""
+  def step(state, batch, key):
+    features, labels, idx_SxB = batch["features"], batch["labels"], batch["idx"]
+
+    def body(carry, xs):
+      h, o = carry
+      idx, k = xs
+      f = feature_dropout(k, features[idx], dropout)
+      loss, grads = jax.value_and_grad(head_loss)(h, f, labels[idx], l2=l2)
+      updates, o = tx.update(grads, o, h)
+      return (optax.apply_updates(h, updates), o), loss
+
+    keys = jax.random.split(key, idx_SxB.shape[0])
+    (head, opt_state), losses_S = jax.lax.scan(body, (state["params"], state["opt_state"]),
+                                               (idx_SxB, keys))
+    return ({"params": head, "opt_state": opt_state, "step": state["step"] + 1},
+            {"loss": losses_S.mean()})
+  return jax.jit(step)
 
 
 @jax.jit
 def _head_eval(head, features, labels):
-  logits = apply_head(head, features)
+  logits = apply_linear(head, features)
   logp = jax.nn.log_softmax(logits)
   nll_N = -jnp.take_along_axis(logp, labels[:, None], axis=1)[:, 0]
   acc = jnp.mean(jnp.argmax(logits, -1) == labels)
@@ -295,11 +276,11 @@ def head_batches(seed: int, epoch: int, *, num_examples: int, batch_size: int) -
 def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransformation,
              epochs: int, batch_size: int = 128, seed: int = 0, l2: float = 0.0,
              dropout: float = 0.0, eval_sets: Mapping[str, tuple[Any, Any]] | None = None,
-             best_by: str | None = None) -> tuple[PyTree, list[dict]]:
-  """Trains only the SuperNet head on cached (frozen) features.
+             best_by: str | None = None, progress: bool = False) -> tuple[PyTree, list[dict]]:
+  """Trains only the SuperNet head on cached (frozen) features, with `train.fit`.
 
   Each epoch is one jitted `lax.scan` over shuffled mini-batches of the cached
-  features: no member forward pass.
+  features (one `fit` step): no member forward pass.
 
   Args:
     head: initial head (see `init_head`).
@@ -318,10 +299,11 @@ def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransfor
     eval_sets: {name: (features, labels)} evaluated after each epoch (and at epoch 0).
     best_by: e.g. "val_accuracy": return the head of the epoch with the highest value
       (ties: earliest) instead of the last one.
+    progress: a progress bar over the epochs.
 
   Returns:
-    (head, history): one record per epoch with train_loss, seconds, and
-    `<name>_accuracy` / `<name>_nll` for each eval set.
+    (head, history): one record per epoch (0 = before training) with `epoch`,
+    `train_loss`, and `<name>_accuracy` / `<name>_nll` for each eval set.
   """
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
@@ -337,47 +319,124 @@ def fit_head(head: PyTree, features_NxF, labels_N, *, tx: optax.GradientTransfor
   evals = {n: (jnp.asarray(f, jnp.float32), jnp.asarray(y, jnp.int32))
            for n, (f, y) in (eval_sets or {}).items()}
 
-  def evaluate(h, rec):
+  def evaluate(state):
+    out = {}
     for n, (f, y) in evals.items():
-      acc, nll = _head_eval(h, f, y)
-      rec[f"{n}_accuracy"], rec[f"{n}_nll"] = float(acc), float(nll)
-    return rec
+      acc, nll = _head_eval(state["params"], f, y)
+      out[f"{n}_accuracy"], out[f"{n}_nll"] = float(acc), float(nll)
+    return out
 
-  opt_state = tx.init(head)
-  history = [evaluate(head, {"epoch": 0})]
-  best, best_val = head, history[0].get(best_by, -np.inf) if best_by else None
-  for epoch in range(epochs):
-    idx = head_batches(seed, epoch, num_examples=feats.shape[0], batch_size=batch_size)
-    t0 = time.perf_counter()
-    key = jax.random.fold_in(jax.random.key(seed), epoch)
-    head, opt_state, loss = _head_epoch(head, opt_state, feats, labels, jnp.asarray(idx), key,
-                                        tx=tx, l2=float(l2), dropout=float(dropout))
-    loss = float(loss)
-    rec = {"epoch": epoch + 1, "train_loss": loss, "seconds": time.perf_counter() - t0}
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"Head loss became non-finite ({loss}) in epoch {epoch + 1}.")
-    history.append(evaluate(head, rec))
-    if best_by:
-      if best_by not in rec:
-        raise ValueError(f"best_by={best_by!r} is not a recorded metric; have {sorted(rec)}.")
-      if rec[best_by] > best_val:
-        best, best_val = head, rec[best_by]
-  return (best if best_by else head), history
+  batch_fn = lambda epoch: {"features": feats, "labels": labels, "idx": jnp.asarray(
+      head_batches(seed, epoch, num_examples=feats.shape[0], batch_size=batch_size))}
+  state, _, history = train.fit(
+      train.init_pytree_state(head, tx), step_fn=_head_epoch_step(tx, float(l2), float(dropout)),
+      batch_fn=batch_fn, num_steps=int(epochs), key=jax.random.key(seed), eval_fn=evaluate,
+      eval_every=1, eval_at_start=True, eval_split=None, best_by=best_by, progress=progress,
+      desc="SuperNet head")
+  return state["params"], [{"epoch": r.pop("step"), **r} for r in history]
+
+
+def head_optimizer(name: str, learning_rate: float, *, schedule: str = "constant",
+                   steps: int = 1) -> optax.GradientTransformation:
+  """The head's optimizer: Adam or SGD (momentum 0.9), constant or cosine-decayed to 0.
+
+  Cached: the same arguments give the same transformation object, so every head of one
+  feature width reuses one compiled epoch.
+  """
+  return _head_tx(name, float(learning_rate), schedule, max(int(steps), 1))
+
+
+@functools.lru_cache(maxsize=8)
+def _head_tx(name: str, lr: float, schedule: str, steps: int) -> optax.GradientTransformation:
+  if schedule == "cosine":
+    lr = optax.cosine_decay_schedule(lr, steps)
+  elif schedule != "constant":
+    raise ValueError(f"Unknown head schedule {schedule!r}; use constant or cosine.")
+  if name == "adam":
+    return optax.adam(lr)
+  if name == "sgd":
+    return optax.sgd(lr, momentum=0.9)
+  raise ValueError(f"Unknown head optimizer {name!r}; use adam or sgd.")
+
+
+def train_head(cache: Mapping[str, Mapping[str, Any]], heads: tuple, *, num_members: int,
+               init: str, tx: optax.GradientTransformation, epochs: int, batch_size: int,
+               seed: int, key: jax.Array, l2: float = 0.0, scale: float | None = None,
+               dropout: float = 0.0, best_by: str | None = None,
+               eval_splits: Sequence[str] = ("val", "test")) -> tuple[PyTree, list[dict]]:
+  """A SuperNet head over the first `num_members` members' cached features.
+
+  Args:
+    cache: `cache_features` output with labels added: {split: {"features", "y"}}; needs
+      "train" and the `eval_splits`.
+    heads: the members' (kernels (K, D, C), biases (K, C)) from `member_heads`.
+    num_members: how many of the first members the head reads.
+    init, scale: see `init_head` (`scale` only for copy_scaled).
+    tx, epochs, batch_size, seed, l2, dropout, best_by: see `fit_head`.
+    key: the random init's key.
+    eval_splits: splits of `cache` evaluated every epoch.
+
+  Returns:
+    (head, history) as `fit_head`.
+  """
+  kern, bias = heads
+  d = kern.shape[1]
+  sel = lambda f: first_members(f, num_members=num_members, feature_dim=d)
+  head0 = init_head(key, num_features=num_members * d, num_classes=kern.shape[2], init=init,
+                    kernels_KxDxC=kern[:num_members], biases_KxC=bias[:num_members],
+                    scale=scale if init == "copy_scaled" else None)
+  return fit_head(head0, sel(cache["train"]["features"]), cache["train"]["y"], tx=tx,
+                  epochs=epochs, batch_size=batch_size, seed=seed, l2=l2, dropout=dropout,
+                  eval_sets={n: (sel(cache[n]["features"]), cache[n]["y"]) for n in eval_splits},
+                  best_by=best_by)
+
+
+def head_probs(head: PyTree, features_NxF) -> np.ndarray:
+  """softmax of the head's logits, as NumPy (N, C)."""
+  return np.asarray(jax.nn.softmax(apply_linear(head, jnp.asarray(features_NxF)), -1))
 
 
 # --------------------------------------------------------------------------- last-layer boost
 
-def layers_from_top(params: PyTree) -> list[str]:
-  """Top-level layer names of one member's params, last created first.
+class _CallOrder:
+  """Records the names of the top-level submodules in the order they are first called."""
 
-  Flax Linen keeps the creation order of submodules in the params dict, so for the
-  MLP this is ["head", "Dense_{n-1}", ..., "Dense_0"]. Layers without parameters
-  do not appear.
+  def __init__(self):
+    self.names: list[str] = []
+
+  def __call__(self, next_fun, args, kwargs, context):
+    path = context.module.path
+    if len(path) == 1 and path[0] not in self.names:
+      self.names.append(path[0])
+    return next_fun(*args, **kwargs)
+
+
+def layers_from_top(model, variables: PyTree, sample_input) -> list[str]:
+  """Top-level layer names of a Linen model's params, last called first.
+
+  Traces one inference pass (`jax.eval_shape`, no compute) and records the order in
+  which the top-level submodules are called, so for the MLP this is
+  ["head", "Dense_{n-1}", ..., "Dense_0"] (a BN-MLP interleaves "bn_i" after "Dense_i",
+  and "Dense_10" comes after "Dense_9"). Only layers with parameters are listed.
+
+  Args:
+    model: a Linen module (or its `.apply`).
+    variables: one member's variables ({"params", ...}).
+    sample_input: an example batch.
   """
-  return list(reversed(list(params.keys())))
+  import flax.linen as nn
+  m = as_model(model)
+  if m.kind != "linen":
+    raise ValueError("layers_from_top reads Linen call order; list the layers yourself for "
+                     f"a {m.kind} model.")
+  order = _CallOrder()
+  with nn.intercept_methods(order):
+    jax.eval_shape(lambda v, x: m.apply(v, x, train=False)[0].logits, variables,
+                   jnp.asarray(sample_input))
+  return [n for n in reversed(order.names) if n in variables["params"]]
 
 
-def layerwise_boost(state_K: PyTree, *, apply_fn: Callable,
+def layerwise_boost(state_K: PyTree, *, model,
                     stages: Sequence[tuple[str | Sequence[str], int]],
                     make_tx: Callable[[int], optax.GradientTransformation],
                     x: np.ndarray, y: np.ndarray, batch_size: int, seed: int = 0,
@@ -386,30 +445,29 @@ def layerwise_boost(state_K: PyTree, *, apply_fn: Callable,
                     progress: bool = False) -> tuple[PyTree, list[dict]]:
   """Retrains only some layers of every member, one stage after another (Table 3).
 
-  Each stage makes a fresh optimizer `train_only(make_tx(stage_steps), params,
-  patterns)`, so only the leaves matching that stage's path patterns move; BatchNorm
-  statistics are kept frozen (`frozen_stats_step`). All members are boosted at once.
+  Each stage makes a fresh optimizer `optim.freeze(make_tx(stage_steps), params,
+  trainable=patterns)`, so only the leaves matching that stage's path patterns move;
+  BatchNorm statistics are kept frozen (`frozen_stats_step`). All members are boosted at
+  once with `train.fit`.
 
   Args:
     state_K: stacked member states (`params`, `batch_stats`, ...; `opt_state` is
       replaced per stage).
-    apply_fn: `model.apply`.
+    model: the members' model (anything `models.as_model` accepts).
     stages: [(patterns, epochs), ...], e.g. [("^head/", 3), ("^Dense_2/", 3)].
     make_tx: `steps -> optax transformation` for one stage of `steps` steps.
     x, y: training data.
     batch_size: per member.
-    seed: data order; stage s uses seed + 1000 * s.
-    strategy: member-parallel strategy (resolved already).
+    seed: data order; stage s uses seed + 1000 * s (dropout keys: seed + s).
+    strategy: member-parallel strategy.
     eval_fn: `state_K -> {name: (K,) array}` run after every stage (and before).
     loss_fn: training loss.
-    progress: tqdm bars.
+    progress: progress bars.
 
   Returns:
     (state_K, history): history[0] is the evaluation before boosting, then one
     record per stage with its patterns, epochs and evaluation.
   """
-  from ensembling import train  # local: train imports this package's siblings
-
   k = tree_lib.num_members(state_K["step"])
   history = [{"stage": 0, "patterns": None, "epochs": 0,
               **({n: np.asarray(v).tolist() for n, v in eval_fn(state_K).items()}
@@ -419,12 +477,11 @@ def layerwise_boost(state_K: PyTree, *, apply_fn: Callable,
                                         num_members=k)
     steps = spe * int(epochs)
     params0 = tree_lib.index(state_K["params"], 0)
-    tx = train_only(make_tx(steps), params0, patterns)
+    tx = optim.freeze(make_tx(steps), params0, trainable=patterns)
     opt_state = jax.jit(jax.vmap(tx.init))(state_K["params"])
     state_K = {**state_K, "opt_state": opt_state, "step": jnp.zeros_like(state_K["step"])}
-    step_fn = members.ensemble_step(apply_fn=apply_fn, tx=tx, num_members=k,
-                                    strategy=strategy, loss_fn=loss_fn,
-                                    step_fn=frozen_stats_step)
+    step_fn = members.ensemble_step(model=model, tx=tx, num_members=k, strategy=strategy,
+                                    loss_fn=loss_fn, step_fn=frozen_stats_step, donate=True)
     if steps:
       state_K, _, _ = train.fit(state_K, step_fn=step_fn, batch_fn=batch_fn, num_steps=steps,
                                 key=jax.random.key(seed + s), progress=progress,

@@ -29,11 +29,12 @@ import numpy as np
 import optax
 
 from ensembling import data, losses, metrics
-from ensembling.shared_head import (  # noqa: F401  (re-exported: the text API)
-    ADAPTER_METHODS, apply_linear_adapter, fit_linear_adapter, normalize)
-from ensembling import tree as tree_lib
 from ensembling.data.sts import STSPairs
+from ensembling.losses import l2_normalize
 from ensembling.models import bert
+from ensembling.models.contract import as_model
+from ensembling.models.linear import apply_linear
+from ensembling.shared_head import ADAPTER_METHODS, fit_linear_adapter  # noqa: F401
 
 PyTree = Any
 AUGMENTATIONS = ("dropout", "delete")
@@ -96,7 +97,7 @@ def make_simcse_batch_fn(sentences: Sequence[str], tokenizer, *, seed: int, batc
 # --------------------------------------------------------------------------- training step
 
 def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
-                apply_fn: Callable, tx: optax.GradientTransformation,
+                model, tx: optax.GradientTransformation,
                 loss_fn: Callable = losses.info_nce,
                 trainable: PyTree | None = None) -> tuple[dict, dict]:
   """One SimCSE step of one member (same signature as `members.train_step`).
@@ -105,13 +106,14 @@ def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
     state: the member's state dict (params, batch_stats={}, opt_state, step).
     batch: {"a": (B, L), "b": (B, L)} token ids of the two views.
     key: dropout PRNG key.
-    apply_fn: `Bert.apply`; the pooled `features` are the embeddings.
+    model: the encoder (`Bert`, or any model of `models.as_model` whose features are the
+      embeddings).
     tx: optax transformation.
     loss_fn: `(z1, z2) -> scalar`, e.g. `partial(losses.info_nce, temperature=0.05)`.
     trainable: optional tree of bools like the params (`tree.path_mask`); False leaves
       are wrapped in `stop_gradient`, so no gradient work is done for them or for the
-      layers below the lowest trainable one (pair it with an optimizer that freezes
-      them, see `frozen_optimizer`).
+      layers below the lowest trainable one (pair it with `optim.freeze` on the same
+      mask).
 
   Returns:
     (new state, {"loss", "accuracy" (the positive is the most similar row), "grad_norm"}).
@@ -120,14 +122,15 @@ def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
   if a.shape != b.shape:
     raise ValueError(f"Views must have the same shape, got {a.shape} and {b.shape}.")
   n = a.shape[0]
+  m = as_model(model)
 
   def loss_of(params):
     if trainable is not None:
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params,
                             trainable)
     # Both views in one pass: different rows get independent dropout masks.
-    z = apply_fn({"params": params}, jnp.concatenate([a, b]), train=True,
-                 rngs={"dropout": key}).features
+    z = m.apply({"params": params}, jnp.concatenate([a, b]), train=True, key=key,
+                with_features=True)[0].features
     return loss_fn(z[:n], z[n:]), z
 
   (loss, z), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
@@ -139,23 +142,7 @@ def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
                "opt_state": opt_state, "step": state["step"] + 1}
   return new_state, {"loss": loss,
                      "accuracy": jnp.mean(jnp.argmax(sim, -1) == jnp.arange(n)),
-                     "grad_norm": optax.global_norm(grads)}
-
-
-def frozen_optimizer(tx: optax.GradientTransformation, params: PyTree,
-                     trainable_patterns: Sequence[str]) -> tuple[optax.GradientTransformation, PyTree]:
-  """`tx` on parameters whose "a/b/c" name matches a regex, frozen (no state) elsewhere.
-
-  Returns (the partitioned optimizer, the trainable mask for `simcse_step`). An empty
-  pattern list trains everything.
-  """
-  if not trainable_patterns:
-    return tx, None
-  mask = tree_lib.path_mask(params, list(trainable_patterns))
-  if not any(jax.tree.leaves(mask)):
-    raise ValueError(f"No parameter matches the trainable patterns {list(trainable_patterns)}.")
-  labels = jax.tree.map(lambda t: "train" if t else "freeze", mask)
-  return optax.partition({"train": tx, "freeze": optax.set_to_zero()}, labels), mask
+                     "grad_norm": optax.tree.norm(grads)}
 
 
 # --------------------------------------------------------------------------- encoding
@@ -254,7 +241,7 @@ def sts_spearman(tasks: Mapping[str, Mapping[str, STSPairs]], index: Mapping[str
     {task: {"all": Spearman over all subsets concatenated (the SimCSE "all" setting),
             "mean": unweighted mean of the subsets, "subsets": {name: value}}}.
   """
-  emb = normalize(emb_NxD)
+  emb = l2_normalize(np.asarray(emb_NxD))
   out = {}
   for task, subsets in tasks.items():
     per, preds, golds = {}, [], []
@@ -275,7 +262,7 @@ def sts_spearman(tasks: Mapping[str, Mapping[str, STSPairs]], index: Mapping[str
 def average_embeddings(emb_KxNxD: np.ndarray, *, weights: Sequence[float] | None = None
                        ) -> np.ndarray:
   """The (weighted) mean of the members' L2-normalised embeddings: (N, D)."""
-  emb = normalize(emb_KxNxD)
+  emb = l2_normalize(np.asarray(emb_KxNxD))
   if weights is None:
     return emb.mean(0)
   w = np.asarray(weights, np.float64)
@@ -308,6 +295,6 @@ def aligned_embeddings(emb_KxNxD: np.ndarray, adapters: Sequence[Mapping | None]
   if len(adapters) != emb_KxNxD.shape[0]:
     raise ValueError(f"Need one adapter (or None) per member: {emb_KxNxD.shape[0]} members, "
                      f"{len(adapters)} adapters.")
-  emb = normalize(emb_KxNxD)
-  return np.stack([e if a is None else apply_linear_adapter(a, e)
+  emb = l2_normalize(np.asarray(emb_KxNxD))
+  return np.stack([e if a is None else np.asarray(apply_linear(a, e))
                    for e, a in zip(emb, adapters)])

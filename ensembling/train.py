@@ -1,9 +1,21 @@
-"""The training loop shared by experiments: plain functions over a stacked state.
+"""The one training loop, and what it is fed.
 
-`fit` runs member-parallel steps with per-member data order, periodic evaluation
-written to `metrics.jsonl`, orbax checkpoints, exact resumption, and NaN fail-fast.
-What is trained (state, step function, batches) is passed in, so trajectory methods,
-soups and SuperNet heads reuse it.
+`fit` runs any step function `(state, batch, key) -> (state, metrics)` for a number of
+steps: members of an ensemble (a state with a leading member axis), SuperNet heads,
+shared-head and text adapters, learned soups. It owns the batch order (a pure function of
+the step, so resumption is exact), periodic evaluation written to `metrics.jsonl`, orbax
+checkpoints, the NaN policy and the progress bar. `train_members` is the deep-ensemble
+recipe on top of it: K members of any model (`models.as_model`) from keyword arguments.
+
+Example (two members of a plain Linen module, one epoch on random data):
+
+>>> import numpy as np, jax, flax.linen as nn, optax
+>>> x = np.random.default_rng(0).normal(size=(64, 5)).astype(np.float32)
+>>> y = (x[:, 0] > 0).astype(np.int32)
+>>> res = train_members(nn.Dense(2), x, y, num_members=2, tx=optax.sgd(0.1), epochs=1,
+...                     batch_size=16, seed=0, progress=False)
+>>> res.state["params"]["kernel"].shape, res.strategy
+((2, 5, 2), 'vmap')
 """
 
 from __future__ import annotations
@@ -11,32 +23,41 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from tqdm.auto import tqdm
 
-from ensembling import checkpoint, data, ensemble, members, metrics, models, optim, schedules
+from ensembling import checkpoint, data, ensemble, losses, members, metrics, optim
 from ensembling import tree as tree_lib
+from ensembling.models.contract import as_model
 
 PyTree = Any
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
-  """A member's loss became NaN or infinite."""
+  """A loss became NaN or infinite."""
 
+
+# --------------------------------------------------------------------------- batches
 
 def make_batch_fn(x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
-                  num_members: int) -> tuple[Callable[[int], dict], int]:
+                  num_members: int | None = None) -> tuple[Callable[[int], dict], int]:
   """`batch_fn(step) -> {"x": (K, B, ...), "y": (K, B)}` and the steps per epoch.
 
-  Each member has its own shuffle for every epoch; `batch_fn` is a pure function of
-  the global step, which is what makes resumption exact.
+  Each member has its own shuffle for every epoch; `batch_fn` is a pure function of the
+  global step, which is what makes resumption exact. With `num_members=None` the batches
+  have no member axis ({"x": (B, ...), "y": (B,)}: member 0's order of K = 1).
   """
+  if len(x) != len(y):
+    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+  k = 1 if num_members is None else members.check_num_members(num_members)
   steps_per_epoch = data.num_steps_per_epoch(len(x), batch_size)
   cache: dict[int, np.ndarray] = {}
 
@@ -45,91 +66,40 @@ def make_batch_fn(x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
     if epoch not in cache:
       cache.clear()
       cache[epoch] = data.member_batch_indices(seed, epoch, num_examples=len(x),
-                                               batch_size=batch_size, num_members=num_members)
-    idx = cache[epoch][s]
+                                               batch_size=batch_size, num_members=k)
+    idx = cache[epoch][s] if num_members is not None else cache[epoch][s, 0]
     return {"x": x[idx], "y": y[idx]}
 
   return batch_fn, steps_per_epoch
 
 
-def build_state(config, splits: data.Splits, *, total_steps: int):
-  """Model, optimizer and the stacked initial state that `config` describes.
+# --------------------------------------------------------------------------- pytree training
 
-  Returns (model, tx, schedule, state_K). Per-member `optim.lr_scale` and
-  `optim.weight_decay` (scalars or length-K lists) are written into the state.
+def init_pytree_state(params: PyTree, tx: optax.GradientTransformation) -> dict:
+  """The state `fit` trains for one pytree (a head, an adapter, soup coefficients)."""
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def pytree_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
+                has_aux: bool = False) -> Callable:
+  """A jitted `(state, batch, key) -> (state, {"loss", ...})` for `init_pytree_state` states.
+
+  Args:
+    loss_fn: `(params, batch, key) -> loss` (or `(loss, {name: value})` with `has_aux`).
+    tx: the optimizer (frozen leaves: `optim.freeze`).
+    has_aux: `loss_fn` also returns a dict of metrics to log.
   """
-  k = int(config.members)
-  model = models.make_model(config.model, num_classes=splits.num_classes)
-  schedule = schedules.make_schedule(config.optim, total_steps=total_steps)
-  tx = optim.optimizer_from_config(config.optim, schedule=schedule)
-  key = jax.random.key(int(config.seed))
-  variables = members.init_members(key, model, splits.x_train[:1], k)
-  state = members.init_states(variables, tx)
-  state["opt_state"] = optim.set_hyperparams(
-      state["opt_state"],
-      lr_scale=optim.per_member_values(config.optim.get("lr_scale", 1.0), k, name="optim.lr_scale"),
-      weight_decay=optim.per_member_values(config.optim.get("weight_decay", 0.0), k,
-                                           name="optim.weight_decay"))
-  return model, tx, schedule, state
+  def step(state, batch, key):
+    (loss, aux), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, batch, key) if has_aux else (loss_fn(p, batch, key), {}),
+        has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+             "step": state["step"] + 1}, {"loss": loss, **aux})
+  return jax.jit(step)
 
 
-def member_fns(config, model, tx, state_K: PyTree, *, eval_x: np.ndarray, eval_y: np.ndarray,
-               **step_kwargs) -> tuple[str, Callable, Callable]:
-  """(strategy, step_fn, eval_fn) for training `state_K` as `config` asks.
-
-  The strategy is `config.members_strategy` resolved for these parameters; `step_fn` is
-  `members.ensemble_step` (extra keyword arguments, e.g. `loss_fn`, go to it); `eval_fn`
-  is `evaluate_members` on (eval_x, eval_y).
-  """
-  k = tree_lib.num_members(state_K["step"])
-  strategy = members.resolve_strategy(config.members_strategy, state_K["params"])
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
-                                  strategy=strategy, **step_kwargs)
-  eval_fn = lambda s: evaluate_members(model.apply, s, eval_x, eval_y, strategy=strategy,
-                                       batch_size=config.eval_batch_size)
-  return strategy, step_fn, eval_fn
-
-
-def fit_members(config, splits: data.Splits, workdir: str | None, *, desc: str = "members",
-                eval_every_epoch: bool = True):
-  """Trains the `config.members` members that `config` describes (a deep ensemble).
-
-  Each member has its own init and data order; validation metrics are logged every
-  epoch (`eval_every_epoch`) and checkpoints written every epoch unless the config says
-  otherwise, so a rerun on the same workdir resumes.
-
-  Returns (model, state_K, strategy, seconds).
-  """
-  k = int(config.members)
-  batch_fn, spe = make_batch_fn(splits.x_train, splits.y_train, seed=config.seed,
-                                batch_size=config.batch_size, num_members=k)
-  total = spe * int(config.epochs)
-  model, tx, _, state = build_state(config, splits, total_steps=total)
-  strategy, step_fn, eval_fn = member_fns(config, model, tx, state, eval_x=splits.x_val,
-                                          eval_y=splits.y_val)
-  t0 = time.perf_counter()
-  state, _, _ = fit(
-      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=total,
-      key=jax.random.key(config.seed + 1), workdir=workdir,
-      eval_fn=eval_fn if eval_every_epoch else None,
-      eval_every=config.eval_every_steps or spe,
-      checkpoint_every=config.checkpoint_every_steps or spe,
-      progress=config.progress, desc=f"{desc}: {k} x {config.model.name} ({strategy})",
-      steps_per_epoch=spe)
-  return model, state, strategy, time.perf_counter() - t0
-
-
-def evaluate_members(apply_fn: Callable, state_K: PyTree, x: np.ndarray, y: np.ndarray, *,
-                     strategy: str = "auto", batch_size: int = 1000) -> dict[str, np.ndarray]:
-  """Per-member accuracy and NLL on (x, y): arrays of shape (K,)."""
-  logits = members.predict(apply_fn, members.variables_of(state_K), x,
-                           batch_size=batch_size, strategy=strategy)
-  probs = ensemble.members_probs(logits)
-  return {
-      "accuracy": np.array([metrics.accuracy(p, y) for p in probs]),
-      "nll": np.array([metrics.nll(p, y) for p in probs]),
-  }
-
+# --------------------------------------------------------------------------- the loop
 
 def _read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
@@ -144,110 +114,355 @@ def _write_jsonl(path: str, records: Iterable[Mapping]) -> None:
       f.write(json.dumps(r) + "\n")
 
 
-def fit(state_K: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], dict],
+def show_progress(progress: bool) -> bool:
+  """Progress bars only when asked for and stderr is a terminal (no \\r in log files)."""
+  return bool(progress) and sys.stderr.isatty()
+
+
+def num_members_of(state: PyTree) -> int | None:
+  """K for a stacked state (its `step` has shape (K,)), None for a single one."""
+  step = state.get("step") if isinstance(state, Mapping) else None
+  if step is None:
+    raise ValueError("fit trains a state dict with a 'step' entry (see members.init_states "
+                     "or train.init_pytree_state).")
+  return int(np.shape(step)[0]) if np.ndim(step) == 1 else None
+
+
+def _lr_hint(schedule, state, step, member):
+  if schedule is None:
+    return ""
+  lr = float(schedule(step))
+  hp = getattr(state.get("opt_state"), "hyperparams", {}) or {}
+  if "lr_scale" in hp:
+    scale = np.asarray(hp["lr_scale"])
+    lr *= float(scale[member] if scale.ndim and member is not None else scale)
+  if lr < 0:
+    return f" The learning rate at this step is {lr:g}: negative, so the loss is maximised."
+  return f" The learning rate at this step is {lr:g}; a smaller one may help."
+
+
+def _non_finite(loss, batch, step, k, schedule, state, restored_from):
+  bad = np.flatnonzero(~np.isfinite(np.reshape(loss, -1))).tolist()
+  who = f"member(s) {bad}" if k is not None else "the model"
+  member = bad[0] if k is not None else None
+  hints = [_lr_hint(schedule, state, step, member).strip()]
+  xb = batch.get("x") if isinstance(batch, Mapping) else None
+  if xb is not None and np.issubdtype(np.asarray(xb).dtype, np.floating):
+    xb = np.asarray(xb if k is None else xb[member])
+    if not np.isfinite(xb).all():
+      hints.append("The batch itself holds NaN or inf inputs: check the data.")
+  if restored_from is not None:
+    hints.append(f"The run resumed from the checkpoint of step {restored_from} (it verified).")
+  values = np.reshape(loss, -1)[bad].tolist()
+  return NonFiniteLossError(f"Loss became non-finite at step {step} for {who}: {values}. "
+                            + " ".join(h for h in hints if h))
+
+
+def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
         num_steps: int, key: jax.Array, workdir: str | None = None,
-        eval_fn: Callable[[PyTree], Mapping[str, np.ndarray]] | None = None,
-        eval_every: int = 0, checkpoint_every: int = 0,
+        eval_fn: Callable[[PyTree], Mapping[str, Any]] | None = None,
+        eval_every: int = 0, eval_at_start: bool = False, checkpoint_every: int = 0,
         on_step: Callable[[int, PyTree, PyTree], PyTree] | None = None,
         extra: PyTree = None, progress: bool = True, desc: str = "train",
-        steps_per_epoch: int | None = None, eval_split: str = "val") -> tuple[PyTree, PyTree, list[dict]]:
-  """Runs `num_steps` member-parallel steps; resumes from `workdir/checkpoints`.
+        steps_per_epoch: int | None = None, eval_split: str = "val", start_step: int = 0,
+        schedule: optax.Schedule | None = None, best_by: str | None = None,
+        ) -> tuple[PyTree, PyTree, list[dict]]:
+  """Runs `step_fn` up to `num_steps`; resumes from `workdir/checkpoints`.
+
+  The state passed in is copied first, so step functions that donate their input never
+  invalidate the caller's arrays.
 
   Args:
-    state_K: the stacked initial state (used as-is unless a checkpoint exists).
-    step_fn: `(state_K, batch_K, keys_K) -> (state_K, metrics_K)` (see
-      `members.ensemble_step`).
-    batch_fn: `step -> batch_K`, deterministic in `step`.
-    num_steps: total steps (a resumed run continues up to it).
-    key: base PRNG key; member k, step t uses fold_in(split(key, K)[k], t).
+    state: a stacked member state (`members.init_states`: member keys and per-member
+      records) or a single one (`init_pytree_state`); used as is unless a checkpoint
+      exists.
+    step_fn: `(state, batch, key) -> (state, metrics)`; metrics must hold "loss".
+      For a member state `key` is the (K,) member keys of the step
+      (`members.ensemble_step`), otherwise one key.
+    batch_fn: `step -> batch`, deterministic in `step`.
+    num_steps: the step count to reach (a resumed run continues up to it).
+    key: base PRNG key; member k, step t uses fold_in(split(key, K)[k], t), a single
+      state fold_in(key, t).
     workdir: where `metrics.jsonl` and `checkpoints/` go (None: nothing written).
-    eval_fn: `state_K -> {name: (K,) array}` called every `eval_every` steps and at
-      the end; results go to metrics.jsonl, one record per member.
+    eval_fn: `state -> {name: (K,) array or scalar}`, called every `eval_every` steps
+      and at the end; records go to metrics.jsonl, one per member.
+    eval_at_start: also evaluate before the first step (a record at step 0).
     checkpoint_every: steps between checkpoints (0: only at the end).
-    on_step: `(step, state_K, extra) -> extra` after every step (host side), e.g. to
+    on_step: `(step, state, extra) -> extra` after every step (host side), e.g. to
       collect snapshots; `extra` is checkpointed with the state.
     extra: the initial value of `extra` (a pytree of arrays, or None).
-    eval_split: the prefix of `eval_fn`'s entries in metrics.jsonl ("val_accuracy").
+    progress: a tqdm bar (only on a terminal).
+    desc: the bar's and the log's label.
+    steps_per_epoch: adds an "epoch" field to the records.
+    eval_split: the prefix of `eval_fn`'s entries in the records ("val_accuracy"; None:
+      the names as `eval_fn` gives them).
+    start_step: the step to start from without a checkpoint (continuing in memory).
+    schedule: the learning-rate schedule, named in the non-finite-loss message.
+    best_by: a scalar eval entry, e.g. "val_accuracy": return the state of the eval
+      point where it was highest (ties: the earliest) instead of the last one (single
+      states only).
 
   Returns:
-    (state_K, extra, history): history holds the metrics.jsonl records.
+    (state, extra, history): history holds the metrics.jsonl records.
   """
-  k = tree_lib.num_members(state_K["step"])
-  keys = members.member_keys(key, k)
+  k = num_members_of(state)
+  if best_by and k is not None:
+    raise ValueError("best_by selects one state; it is for single (unstacked) states.")
+  if k is not None:
+    keys = members.member_keys(key, k)
+    key_of = lambda t: members.step_keys(keys, t)
+  else:
+    key_of = lambda t: jax.random.fold_in(key, t)
+  state = jax.tree.map(jnp.array, state)  # our own copy: the caller's arrays stay valid
   # Running sums of the train metrics since the last eval; checkpointed, so a resumed
   # run logs exactly what an uninterrupted one would.
-  metrics_shape = jax.eval_shape(step_fn, state_K, batch_fn(0), members.step_keys(keys, 0))[1]
+  metrics_shape = jax.eval_shape(step_fn, state, batch_fn(start_step), key_of(start_step))[1]
+  if "loss" not in metrics_shape:
+    raise ValueError(f"step_fn's metrics must hold 'loss'; got {sorted(metrics_shape)}.")
   window = {"sum": jax.tree.map(lambda m: np.zeros(m.shape, np.float32), metrics_shape),
             "count": np.zeros((), np.int32)}
-  mgr = None
-  start = 0
+  mgr, start, restored_from = None, int(start_step), None
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
   history: list[dict] = []
+  best = None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
-    if checkpoint.latest_step(mgr) is not None:
-      try:
-        restored = checkpoint.restore(mgr, {"state": state_K, "extra": extra, "window": window})
-      except ValueError as e:
-        if "window" not in str(e):
-          raise
-        # Written before the metric window was checkpointed: the state is all there;
-        # only the first record after resuming averages fewer steps.
-        log.warning("Checkpoint has no metric window (older format); resuming without it.")
-        restored = {**checkpoint.restore(mgr, {"state": state_K, "extra": extra}),
-                    "window": window}
-      state_K, extra, window = restored["state"], restored["extra"], restored["window"]
-      start = int(checkpoint.latest_step(mgr))
-      log.info("Resumed from step %d", start)
+    restored = checkpoint.restore_latest_valid(mgr, {"state": state, "extra": extra,
+                                                     "window": window})
+    if restored is not None:
+      restored_from, tree = restored
+      state, extra, window = tree["state"], tree["extra"], tree["window"]
+      start = restored_from
+      log.info("%s: resumed from step %d", desc, start)
       history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
       _write_jsonl(metrics_path, history)
     elif metrics_path and os.path.exists(metrics_path):
       os.remove(metrics_path)
-  state_K = members.shard_members(state_K)
+  if k is not None:
+    state = members.shard_members(state)
 
   def record(step, train_m, eval_m):
+    rows = range(k) if k is not None else [None]
     recs = []
-    for m in range(k):
-      r = {"step": int(step), "member": m}
+    for m in rows:
+      r = {"step": int(step)} if m is None else {"step": int(step), "member": m}
       if steps_per_epoch:
         r["epoch"] = step / steps_per_epoch
-      r.update({f"train_{n}": float(v[m]) for n, v in train_m.items()})
-      r.update({f"{eval_split}_{n}": float(v[m]) for n, v in eval_m.items()})
+      pick = lambda v: float(np.asarray(v) if m is None or np.ndim(v) == 0 else np.asarray(v)[m])
+      r.update({f"train_{n}": pick(v) for n, v in train_m.items()})
+      r.update({(f"{eval_split}_{n}" if eval_split else n): pick(v) for n, v in eval_m.items()})
       recs.append(r)
     history.extend(recs)
     if metrics_path:
       with open(metrics_path, "a") as f:
         for r in recs:
           f.write(json.dumps(r) + "\n")
+    return recs
 
-  bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress,
+  def evaluate(done, train_m):
+    nonlocal best
+    eval_m = dict(eval_fn(state)) if eval_fn else {}
+    recs = record(done, train_m, eval_m)
+    if best_by:
+      if best_by not in recs[0]:
+        raise ValueError(f"best_by={best_by!r} is not a recorded metric; have {sorted(recs[0])}.")
+      if best is None or recs[0][best_by] > best[0]:
+        best = (recs[0][best_by], jax.tree.map(jnp.array, state))
+    return eval_m
+
+  bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not show_progress(progress),
              dynamic_ncols=True, mininterval=1.0)
   t0 = time.time()
+  if eval_at_start and start == int(start_step) and not history:
+    evaluate(start, {})
   for step in range(start, num_steps):
-    batch = members.shard_members(batch_fn(step))
-    state_K, m = step_fn(state_K, batch, members.step_keys(keys, step))
+    batch = batch_fn(step)
+    if k is not None:
+      batch = members.shard_members(batch)
+    state, m = step_fn(state, batch, key_of(step))
     loss = np.asarray(m["loss"])
     if not np.isfinite(loss).all():
-      bad = np.flatnonzero(~np.isfinite(loss)).tolist()
-      raise NonFiniteLossError(f"Loss became non-finite at step {step} for member(s) {bad}: "
-                               f"{loss[bad].tolist()}. Lower the learning rate?")
+      raise _non_finite(loss, batch, step, k, schedule, state, restored_from)
     window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
               "count": window["count"] + 1}
     if on_step is not None:
-      extra = on_step(step, state_K, extra)
+      extra = on_step(step, state, extra)
     done = step + 1
     bar.update(1)
     is_last = done == num_steps
     if (eval_every and done % eval_every == 0) or is_last:
       train_m = {n: v / max(int(window["count"]), 1) for n, v in window["sum"].items()}
       window = {"sum": jax.tree.map(np.zeros_like, window["sum"]), "count": np.zeros((), np.int32)}
-      eval_m = dict(eval_fn(state_K)) if eval_fn else {}
-      record(done, train_m, eval_m)
+      eval_m = evaluate(done, train_m)
       shown = eval_m.get("accuracy", train_m.get("accuracy"))
-      bar.set_postfix(loss=f"{np.mean(train_m['loss']):.3f}", acc=f"{np.mean(shown):.3f}")
+      post = {"loss": f"{np.mean(train_m['loss']):.3f}"}
+      if shown is not None:
+        post["acc"] = f"{np.mean(shown):.3f}"
+      bar.set_postfix(**post)
+      if not show_progress(progress) and progress:
+        log.info("%s: step %d/%d %s", desc, done, num_steps,
+                 " ".join(f"{n}={v}" for n, v in post.items()))
     if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
-      checkpoint.save(mgr, done, {"state": state_K, "extra": extra, "window": window})
+      checkpoint.save(mgr, done, {"state": state, "extra": extra, "window": window})
   bar.close()
-  log.info("%s: %d steps in %.1fs", desc, num_steps - start, time.time() - t0)
-  return state_K, extra, history
+  log.info("%s: %d steps in %.1fs", desc, max(num_steps - start, 0), time.time() - t0)
+  if best_by and best is not None:
+    state = best[1]
+  return state, extra, history
+
+
+# --------------------------------------------------------------------------- deep ensembles
+
+def evaluate_members(model, state_K: PyTree, x: np.ndarray, y: np.ndarray, *,
+                     strategy: str = "auto", batch_size: int = 1000) -> dict[str, np.ndarray]:
+  """Per-member accuracy and NLL on (x, y): arrays of shape (K,)."""
+  logits = members.predict(model, state_K, x, batch_size=batch_size, strategy=strategy)
+  probs = ensemble.members_probs(logits)
+  return {
+      "accuracy": np.array([metrics.accuracy(p, y) for p in probs]),
+      "nll": np.array([metrics.nll(p, y) for p in probs]),
+  }
+
+
+class TrainResult(NamedTuple):
+  """What `train_members` returns.
+
+  Attributes:
+    state: the stacked member states.
+    strategy: the member-parallel strategy that ran.
+    seconds: wall time of the training call (0-ish when everything was restored).
+    history: the metrics records (one per member and evaluation).
+    extra: what `on_step` collected (None without it).
+  """
+  state: PyTree
+  strategy: str
+  seconds: float
+  history: list
+  extra: PyTree = None
+
+
+def init_member_state(model, sample_input, *, num_members: int,
+                      tx: optax.GradientTransformation, seed: int, lr_scale=1.0,
+                      weight_decay=None, init_variables: PyTree = None) -> PyTree:
+  """The stacked initial state of K members (`members.init_states`).
+
+  Args:
+    model: anything `models.as_model` accepts.
+    sample_input: an example batch (shape only matters).
+    num_members: K.
+    tx: the optimizer; per-member `lr_scale` / `weight_decay` need `optim.make_optimizer`.
+    seed: member k is initialised from `split(key(seed), K)[k]`.
+    lr_scale, weight_decay: scalars or length-K sequences (None / 1: keep `tx`'s).
+    init_variables: stacked variables to start from instead of a fresh init.
+
+  Returns:
+    The state dict with a leading member axis.
+  """
+  k = members.check_num_members(num_members)
+  variables = init_variables if init_variables is not None else members.init_members(
+      jax.random.key(seed), model, sample_input, k)
+  state = members.init_states(variables, tx)
+  hp = {}
+  if lr_scale is not None and np.any(np.asarray(lr_scale) != 1.0):
+    hp["lr_scale"] = optim.per_member_values(lr_scale, k, name="lr_scale")
+  if weight_decay is not None:
+    hp["weight_decay"] = optim.per_member_values(weight_decay, k, name="weight_decay")
+  if hp:
+    state["opt_state"] = optim.set_hyperparams(state["opt_state"], **hp)
+  return state
+
+
+def fit_members(state: PyTree, model, x: np.ndarray, y: np.ndarray, *,
+                tx: optax.GradientTransformation, num_steps: int, batch_size: int, seed: int,
+                workdir: str | None = None, eval_data: tuple | None = None,
+                eval_split: str = "val", strategy: str = "auto",
+                loss_fn: Callable = losses.softmax_cross_entropy,
+                step_fn: Callable = members.train_step, eval_every: int = 0,
+                checkpoint_every: int = 0, eval_batch_size: int = 1000,
+                progress: bool = True, desc: str = "members",
+                schedule: optax.Schedule | None = None, on_step=None,
+                extra=None) -> TrainResult:
+  """Trains the stacked member `state` for `num_steps` steps, each member on its own batches.
+
+  Member k sees the batches of `make_batch_fn(x, y, seed=seed, ...)` and gets dropout
+  keys from `key(seed + 1)`. Validation metrics (on `eval_data`) are logged and
+  checkpoints written every epoch unless told otherwise, so a rerun on the same workdir
+  resumes.
+
+  Args:
+    state: from `init_member_state` (or any stacked `members.init_states`).
+    model: anything `models.as_model` accepts.
+    x, y: training data.
+    tx: the optimizer the state was made with.
+    num_steps: steps to reach.
+    batch_size: per member.
+    seed: data order and dropout derive from it.
+    workdir: metrics.jsonl and checkpoints (None: nothing written).
+    eval_data: (x, y) evaluated every `eval_every` steps (default: each epoch).
+    eval_split: the records' prefix for `eval_data` ("val").
+    strategy: member-parallel strategy (`members.STRATEGIES`).
+    loss_fn, step_fn: the members' loss and one-member step.
+    eval_every, checkpoint_every: in steps; 0 means once per epoch.
+    eval_batch_size: inference chunk size.
+    progress, desc: the progress bar.
+    schedule: the learning-rate schedule inside `tx` (for error messages).
+    on_step, extra: passed to `fit` (e.g. a snapshot collector).
+
+  Returns:
+    A `TrainResult`.
+  """
+  k = num_members_of(state)
+  if k is None:
+    raise ValueError("fit_members trains a stacked state (leading member axis).")
+  batch_fn, spe = make_batch_fn(x, y, seed=seed, batch_size=batch_size, num_members=k)
+  step = members.ensemble_step(model=model, tx=tx, num_members=k, strategy=strategy,
+                               loss_fn=loss_fn, step_fn=step_fn, donate=True)
+  step.resolve(state["params"])
+  eval_fn = None
+  if eval_data is not None:
+    eval_fn = lambda s: evaluate_members(model, s, *eval_data, strategy=step.strategy,
+                                         batch_size=eval_batch_size)
+  t0 = time.perf_counter()
+  state, extra, history = fit(
+      state, step_fn=step, batch_fn=batch_fn, num_steps=int(num_steps),
+      key=jax.random.key(seed + 1), workdir=workdir, eval_fn=eval_fn,
+      eval_every=eval_every or spe, checkpoint_every=checkpoint_every or spe,
+      progress=progress, desc=f"{desc}: {k} x {_model_name(model)} ({step.strategy})",
+      steps_per_epoch=spe, eval_split=eval_split, schedule=schedule, on_step=on_step,
+      extra=extra)
+  return TrainResult(state, step.strategy, time.perf_counter() - t0, history, extra)
+
+
+def train_members(model, x: np.ndarray, y: np.ndarray, *, num_members: int,
+                  tx: optax.GradientTransformation, epochs: int, batch_size: int, seed: int,
+                  lr_scale=1.0, weight_decay=None, init_variables: PyTree = None,
+                  **fit_kwargs) -> TrainResult:
+  """A deep ensemble: `init_member_state` then `fit_members` for `epochs` epochs.
+
+  Args:
+    model: anything `models.as_model` accepts.
+    x, y: training data.
+    num_members: K.
+    tx: the optimizer (per-member hyperparameters: `optim.make_optimizer`).
+    epochs: passes over (x, y).
+    batch_size: per member.
+    seed: init, data order and dropout derive from it.
+    lr_scale, weight_decay, init_variables: see `init_member_state`.
+    **fit_kwargs: see `fit_members` (workdir, eval_data, strategy, progress, ...).
+
+  Returns:
+    A `TrainResult`.
+  """
+  state = init_member_state(model, x[:1], num_members=num_members, tx=tx, seed=seed,
+                            lr_scale=lr_scale, weight_decay=weight_decay,
+                            init_variables=init_variables)
+  steps = data.num_steps_per_epoch(len(x), batch_size) * int(epochs)
+  return fit_members(state, model, x, y, tx=tx, num_steps=steps, batch_size=batch_size,
+                     seed=seed, **fit_kwargs)
+
+
+def _model_name(model) -> str:
+  m = as_model(model)
+  obj = m.module[1] if m.kind == "functions" else m.module
+  return getattr(obj, "__name__", type(obj).__name__)

@@ -18,18 +18,8 @@ PyTree = Any
 
 
 def path_str(path) -> str:
-  """Turns a `jax.tree_util` key path into an "a/b/c" name."""
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.DictKey):
-      parts.append(str(k.key))
-    elif isinstance(k, jax.tree_util.GetAttrKey):
-      parts.append(str(k.name))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      parts.append(str(k.idx))
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  """Turns a `jax.tree_util` key path into an "a/b/c" name (`keystr(simple=True)`)."""
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:

@@ -1,6 +1,10 @@
-"""The member-parallel step equals a Python loop of one-member steps."""
+"""Member-parallel steps equal a per-member loop; inputs survive; sharding; errors."""
 
 import functools
+import os
+import subprocess
+import sys
+import textwrap
 
 import chex
 import jax
@@ -8,131 +12,191 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ensembling import members, models, optim
+from conftest import REPO
+from ensembling import members, models, optim, train
 from ensembling import tree as tree_lib
 
-K = 3
+K = 2
+STRATEGIES = [s for s in members.STRATEGIES if s != "auto"]
 
 
-def _setup(model, x_shape, *, lr_scale=None, weight_decay=None):
-  tx = optim.make_optimizer(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
-  variables = members.init_members(jax.random.key(0), model, jnp.zeros((2,) + x_shape), K)
-  state = members.init_states(variables, tx)
-  hp = {}
-  if lr_scale is not None:
-    hp["lr_scale"] = lr_scale
-  if weight_decay is not None:
-    hp["weight_decay"] = weight_decay
-  if hp:
-    state["opt_state"] = optim.set_hyperparams(state["opt_state"], **hp)
+@functools.lru_cache(maxsize=None)
+def _setup(arch):
+  if arch == "mlp":
+    model = models.MLP(widths=(16, 8), num_classes=5, dropout=0.25)
+  else:  # tiny thesis CNN: convs, BatchNorm, max-pool, dropout
+    model = models.CNN(num_classes=5, stages=(4,), dropouts=(0.3,), batch_norm=True)
   rng = np.random.default_rng(0)
-  batches = [{"x": rng.normal(size=(K, 8) + x_shape).astype(np.float32),
-              "y": rng.integers(0, 10, size=(K, 8)).astype(np.int32)} for _ in range(3)]
-  return tx, state, batches
+  batch_K = {"x": jnp.asarray(rng.standard_normal((K, 4, 6, 6, 1)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 5, (K, 4)), jnp.int32)}
+  tx = optim.make_optimizer(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+  state_K = members.init_states(members.init_members(jax.random.key(0), model,
+                                                     batch_K["x"][0], K), tx)
+  # Different per-member learning rates, as the soups use them.
+  state_K["opt_state"] = optim.set_hyperparams(state_K["opt_state"],
+                                               lr_scale=jnp.array([1.0, 0.5]))
+  return model, tx, state_K, batch_K, members.member_keys(jax.random.key(1), K)
 
 
-def _run_parallel(step, state, batches):
-  keys = members.member_keys(jax.random.key(1), K)
-  for t, b in enumerate(batches):
-    state, m = step(state, b, members.step_keys(keys, t))
-  return state, m
+def _reference(model, tx, state_K, batch_K, keys_K, steps):
+  """Each member stepped on its own with the jitted one-member step."""
+  step = jax.jit(functools.partial(members.train_step, model=model, tx=tx))
+  states, metrics = [], []
+  for k, state in enumerate(tree_lib.unstack(state_K)):
+    for t in range(steps):
+      state, m = step(state, tree_lib.index(batch_K, k), jax.random.fold_in(keys_K[k], t))
+    states.append(state)
+    metrics.append(m)
+  return tree_lib.stack(states), tree_lib.stack(metrics)
 
 
-def _run_loop(model, tx, state, batches):
-  keys = members.member_keys(jax.random.key(1), K)
-  one = jax.jit(functools.partial(members.train_step, apply_fn=model.apply, tx=tx))
-  out = []
-  for k in range(K):
-    s = tree_lib.index(state, k)
-    for t, b in enumerate(batches):
-      s, _ = one(s, {"x": b["x"][k], "y": b["y"][k]}, members.step_keys(keys, t)[k])
-    out.append(s)
-  return tree_lib.stack(out)
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_every_strategy_matches_per_member_loop(arch):
+  model, tx, state_K, batch_K, keys_K = _setup(arch)
+  want_state, want_metrics = _reference(model, tx, state_K, batch_K, keys_K, 2)
+  if arch == "cnn":
+    assert jax.tree.leaves(want_state["batch_stats"])  # BatchNorm is exercised
+  for strategy in STRATEGIES + ["auto"]:
+    step = members.ensemble_step(model=model, tx=tx, num_members=K, strategy=strategy)
+    state = state_K
+    for t in range(2):
+      state, metrics = step(state, batch_K, members.step_keys(keys_K, t))
+    chex.assert_trees_all_close(state, want_state, rtol=2e-4, atol=2e-5,
+                                custom_message=f"strategy={strategy}")
+    chex.assert_trees_all_close(metrics, want_metrics, rtol=2e-4, atol=2e-5,
+                                custom_message=f"strategy={strategy}")
+    assert step.strategy in STRATEGIES
+  # The step moved the parameters (the comparison is not between two copies of init).
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), want_state["params"],
+                       state_K["params"])
+  assert min(jax.tree.leaves(moved)) > 0
 
 
-MODELS = {
-    "mlp": (models.MLP(widths=(16, 16), dropout=0.2), (6, 6, 1)),
-    "cnn_bn": (models.CNN(stages=(4, 8), dropouts=(0.2, 0.3)), (8, 8, 1)),
-}
-
-
-@pytest.mark.parametrize("arch", sorted(MODELS))
-@pytest.mark.parametrize("strategy", ["vmap", "unroll", "map", "loop"])
-def test_parallel_step_equals_member_loop(arch, strategy):
-  model, shape = MODELS[arch]
-  tx, state, batches = _setup(model, shape)
-  step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=K, strategy=strategy)
-  got, metrics = _run_parallel(step, jax.tree.map(jnp.copy, state), batches)
-  want = _run_loop(model, tx, state, batches)
-  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
-  assert metrics["loss"].shape == (K,)
-  if arch == "cnn_bn":  # BatchNorm statistics moved during training
-    assert not np.allclose(got["batch_stats"]["bn0_0"]["mean"], 0.0)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_inputs_stay_valid_after_a_step_and_after_fit(strategy):
+  """No strategy deletes the caller's arrays (the bug: vmap/unroll/map donated them)."""
+  model, tx, state_K, batch_K, keys_K = _setup("mlp")
+  state = jax.tree.map(jnp.copy, state_K)
+  step = members.ensemble_step(model=model, tx=tx, num_members=K, strategy=strategy)
+  step(state, batch_K, keys_K)
+  np.asarray(state["params"]["Dense_0"]["kernel"])  # raises if deleted
+  donating = members.ensemble_step(model=model, tx=tx, num_members=K, strategy=strategy,
+                                   donate=True)
+  train.fit(state, step_fn=donating, batch_fn=lambda t: batch_K, num_steps=2,
+            key=jax.random.key(0), progress=False)
+  chex.assert_trees_all_equal(state, state_K)  # untouched and alive
 
 
 def test_per_member_hyperparameters_match_separate_runs():
-  model, shape = MODELS["mlp"]
+  model, _, _, batch_K, keys_K = _setup("mlp")
+  tx = optim.make_optimizer(learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+  state = members.init_states(members.init_members(jax.random.key(0), model,
+                                                   batch_K["x"][0], 3), tx)
   lr_scale = np.array([1.0, 0.5, 0.0], np.float32)
   wd = np.array([0.0, 1e-2, 1e-1], np.float32)
-  tx, state, batches = _setup(model, shape, lr_scale=lr_scale, weight_decay=wd)
-  step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=K, strategy="vmap")
-  got, _ = _run_parallel(step, jax.tree.map(jnp.copy, state), batches)
-  # Reference: each member alone with a fresh optimizer built from its own scalars.
-  keys = members.member_keys(jax.random.key(1), K)
-  for k in range(K):
+  state["opt_state"] = optim.set_hyperparams(state["opt_state"], lr_scale=lr_scale,
+                                             weight_decay=wd)
+  batch = {"x": jnp.concatenate([batch_K["x"], batch_K["x"][:1]]),
+           "y": jnp.concatenate([batch_K["y"], batch_K["y"][:1]])}
+  keys = members.member_keys(jax.random.key(1), 3)
+  step = members.ensemble_step(model=model, tx=tx, num_members=3, strategy="vmap")
+  got, _ = step(state, batch, keys)
+  for k in range(3):  # each member alone, with a fresh optimizer built from its scalars
     tx_k = optim.make_optimizer(learning_rate=0.1 * float(lr_scale[k]), momentum=0.9,
                                 weight_decay=float(wd[k]))
     s = members.init_state({"params": tree_lib.index(state["params"], k)}, tx_k)
-    for t, b in enumerate(batches):
-      s, _ = members.train_step(s, {"x": b["x"][k], "y": b["y"][k]},
-                                members.step_keys(keys, t)[k], apply_fn=model.apply, tx=tx_k)
+    s, _ = members.train_step(s, tree_lib.index(batch, k), keys[k], model=model, tx=tx_k)
     chex.assert_trees_all_close(tree_lib.index(got["params"], k), s["params"],
                                 atol=1e-5, rtol=1e-5)
-  # lr_scale 0 froze member 2 completely.
-  chex.assert_trees_all_equal(tree_lib.index(got["params"], 2),
+  chex.assert_trees_all_equal(tree_lib.index(got["params"], 2),  # lr_scale 0: frozen
                               tree_lib.index(state["params"], 2))
 
 
-def test_members_are_initialised_differently():
-  model, shape = MODELS["mlp"]
-  v = members.init_members(jax.random.key(0), model, jnp.zeros((1,) + shape), K)
-  k0 = np.asarray(v["params"]["Dense_0"]["kernel"])
-  assert k0.shape[0] == K
-  assert not np.allclose(k0[0], k0[1])
-
-
-@pytest.mark.parametrize("strategy", ["vmap", "unroll"])
+@pytest.mark.parametrize("strategy", ["vmap", "unroll", "loop"])
 def test_predict_equals_per_member_apply(strategy):
-  model, shape = MODELS["cnn_bn"]
-  v = members.init_members(jax.random.key(0), model, jnp.zeros((1,) + shape), K)
-  x = np.random.default_rng(0).normal(size=(23,) + shape).astype(np.float32)
-  logits, feats = members.predict(model.apply, v, x, batch_size=10, strategy=strategy,
+  model, _, state_K, _, _ = _setup("cnn")
+  x = np.random.default_rng(0).normal(size=(23, 6, 6, 1)).astype(np.float32)
+  logits, feats = members.predict(model, state_K, x, batch_size=10, strategy=strategy,
                                   with_features=True)
-  assert logits.shape == (K, 23, 10)
+  assert logits.shape == (K, 23, 5)
   for k in range(K):
-    out = model.apply(tree_lib.index(v, k), x, train=False)
+    out = model.apply(tree_lib.index(members.variables_of(state_K), k), x, train=False)
     np.testing.assert_allclose(logits[k], out.logits, atol=1e-5)
     np.testing.assert_allclose(feats[k], out.features, atol=1e-5)
 
 
-def test_auto_strategy_and_errors():
-  mlp, shape = MODELS["mlp"]
-  v = members.init_members(jax.random.key(0), mlp, jnp.zeros((1,) + shape), 2)
-  assert members.resolve_strategy("auto", v["params"]) in members.STRATEGIES
-  with pytest.raises(ValueError, match="members_strategy"):
-    members.resolve_strategy("vmapp", v["params"])
-  with pytest.raises(ValueError, match="num_members"):
-    members.init_members(jax.random.key(0), mlp, jnp.zeros((1,) + shape), 0)
+def test_members_are_initialised_from_split_keys():
+  model, _, _, batch_K, _ = _setup("mlp")
+  v = members.init_members(jax.random.key(0), model, batch_K["x"][0], 3)
+  for k, key in enumerate(jax.random.split(jax.random.key(0), 3)):
+    chex.assert_trees_all_equal(tree_lib.index(v, k),
+                                models.as_model(model).init(key, batch_K["x"][0]))
+  assert not np.allclose(v["params"]["Dense_0"]["kernel"][0], v["params"]["Dense_0"]["kernel"][1])
+
+
+def test_auto_strategy_resolution_and_errors():
+  model, tx, state_K, _, _ = _setup("cnn")
+  _, _, mlp_state, _, _ = _setup("mlp")
+  for s in STRATEGIES:
+    assert members.resolve_strategy(s, state_K["params"]) == s
+  assert members.resolve_strategy("auto", mlp_state["params"]) == "vmap"
+  assert members.resolve_strategy("auto", state_K["params"]) == "unroll"  # convs, 1 CPU
+  with pytest.raises(ValueError, match="members_strategy 'pmap'"):
+    members.ensemble_step(model=model, tx=tx, num_members=K, strategy="pmap")
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="num_members must be an integer >= 1"):
+      members.init_members(jax.random.key(0), model, np.zeros((1, 6, 6, 1)), bad)
 
 
 def test_set_hyperparams_checks_shapes_and_names():
-  tx = optim.make_optimizer(learning_rate=0.1)
-  mlp, shape = MODELS["mlp"]
-  v = members.init_members(jax.random.key(0), mlp, jnp.zeros((1,) + shape), K)
-  st = members.init_states(v, tx)
+  _, _, state_K, _, _ = _setup("mlp")
   with pytest.raises(ValueError, match="shape"):
-    optim.set_hyperparams(st["opt_state"], lr_scale=np.ones(K + 1))
+    optim.set_hyperparams(state_K["opt_state"], lr_scale=np.ones(K + 1))
   with pytest.raises(ValueError, match="Unknown hyperparameter"):
-    optim.set_hyperparams(st["opt_state"], learning_rate=np.ones(K))
+    optim.set_hyperparams(state_K["opt_state"], learning_rate=np.ones(K))
   with pytest.raises(ValueError, match="4 values for 3 members"):
     optim.per_member_values([1, 2, 3, 4], 3, name="optim.lr_scale")
+
+
+SHARDING = textwrap.dedent("""
+    import functools, jax, jax.numpy as jnp, numpy as np, chex
+    from ensembling import members, models, optim, tree as tree_lib
+    assert jax.device_count() == 4, jax.devices()
+    for model in (models.MLP(widths=(16,), dropout=0.1),
+                  models.CNN(num_classes=5, stages=(4,), dropouts=(0.2,), batch_norm=True)):
+      tx = optim.make_optimizer(learning_rate=0.1, momentum=0.9)
+      rng = np.random.default_rng(0)
+      batch = {"x": jnp.asarray(rng.standard_normal((4, 4, 6, 6, 1)), jnp.float32),
+               "y": jnp.asarray(rng.integers(0, 5, (4, 4)), jnp.int32)}
+      state = members.init_states(members.init_members(jax.random.key(0), model,
+                                                       batch["x"][0], 4), tx)
+      keys = members.member_keys(jax.random.key(1), 4)
+      assert members.resolve_strategy("auto", state["params"]) == "vmap"  # shardable
+      one = jax.jit(functools.partial(members.train_step, model=model, tx=tx))
+      want = tree_lib.stack([one(tree_lib.index(state, k), tree_lib.index(batch, k), keys[k])[0]
+                             for k in range(4)])
+      step = members.ensemble_step(model=model, tx=tx, num_members=4)
+      sharded = members.shard_members(state)
+      leaf = jax.tree.leaves(sharded["params"])[0]
+      assert len(leaf.sharding.device_set) == 4 and leaf.addressable_shards[0].data.shape[0] == 1
+      got, _ = step(sharded, members.shard_members(batch), members.shard_members(keys))
+      assert len(jax.tree.leaves(got["params"])[0].sharding.device_set) == 4
+      chex.assert_trees_all_close(jax.device_get(got), jax.device_get(want), rtol=2e-4, atol=2e-5)
+    try:
+      members.shard_members({"x": jnp.zeros((3, 2))})
+    except ValueError as e:
+      assert "multiple of the device count" in str(e)
+    else:
+      raise AssertionError("expected a ValueError")
+    print("SHARDING_OK")
+""")
+
+
+def test_member_axis_sharded_over_four_devices():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  res = subprocess.run([sys.executable, "-c", SHARDING], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "SHARDING_OK" in res.stdout

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from ensembling import averaging, members, models, optim, schedules, train
+from ensembling import averaging, members, models, optim, schedules, train, trajectory
 from ensembling import tree as tree_lib
 
 
@@ -74,6 +74,18 @@ def test_cosine_restarts_matches_torch_warm_restarts(total, cycles):
   assert len(steps) == cycles and steps[-1] == total
   np.testing.assert_allclose(ref[steps[:-1]], 0.2, rtol=1e-6)
   assert np.all(np.diff(steps) <= t_0)
+
+
+def test_named_schedules_are_the_optax_schedules():
+  """The thin wrappers: the closed forms they document, bit for bit."""
+  t = jnp.arange(40)
+  period = math.ceil(37 / 4)
+  closed = 0.5 * 0.2 * (jnp.cos(jnp.pi * jnp.mod(t, period).astype(jnp.float32) / period) + 1)
+  np.testing.assert_allclose(jax.vmap(schedules.cosine_restarts(0.2, 37, 4))(t[:37]),
+                             closed[:37], rtol=0, atol=2e-8)
+  swa = schedules.swa_schedule(0.1, 0.02, anneal_steps=7)
+  ref = optax.cosine_decay_schedule(0.1, 7, alpha=0.2)
+  np.testing.assert_array_equal(jax.vmap(swa)(t), jax.vmap(ref)(t))
 
 
 def test_cosine_restarts_rejects_bad_input():
@@ -184,7 +196,7 @@ def _tiny_setup(digits, k=2, batch_norm=True):
   tx = optim.make_optimizer(learning_rate=schedules.cosine_restarts(0.05, 12, 3))
   v = members.init_members(jax.random.key(0), model, digits.x_train[:1], k)
   state = members.init_states(v, tx)
-  step_fn = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy="vmap")
+  step_fn = members.ensemble_step(model=model, tx=tx, num_members=k, strategy="vmap")
   batch_fn, _ = train.make_batch_fn(digits.x_train[:256], digits.y_train[:256], seed=0,
                                     batch_size=32, num_members=k)
   return model, tx, state, step_fn, batch_fn
@@ -194,7 +206,7 @@ def test_collector_snapshots_and_average_match_an_explicit_loop(digits, tmp_path
   model, tx, state0, step_fn, batch_fn = _tiny_setup(digits)
   snap_steps = schedules.cosine_restarts_steps(12, 3)  # 4, 8, 12
   avg_steps = [6, 9, 12]
-  col = averaging.trajectory_collector(snapshot_steps=snap_steps, average_steps=avg_steps)
+  col = trajectory.trajectory_collector(snapshot_steps=snap_steps, average_steps=avg_steps)
   key = jax.random.key(1)
   state, extra, _ = train.fit(jax.tree.map(jnp.copy, state0), step_fn=step_fn,
                               batch_fn=batch_fn, num_steps=12, key=key,
@@ -227,14 +239,14 @@ def test_collector_snapshots_and_average_match_an_explicit_loop(digits, tmp_path
 
 def test_collector_rejects_bad_steps():
   with pytest.raises(ValueError, match="repeat"):
-    averaging.trajectory_collector(snapshot_steps=[3, 3])
+    trajectory.trajectory_collector(snapshot_steps=[3, 3])
   with pytest.raises(ValueError, match=">= 1"):
-    averaging.trajectory_collector(average_steps=[0, 2])
+    trajectory.trajectory_collector(average_steps=[0, 2])
 
 
 # --------------------------------------------------------------------------- BN recalibration
 
-def _np_bn_mlp_stats(params, batches, eps=1e-5, unbiased=False):
+def _np_bn_mlp_stats(params, batches, eps=1e-5):
   """PyTorch update_bn on the BN-MLP, by hand: cumulative mean of per-batch stats."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   sums = None
@@ -244,15 +256,14 @@ def _np_bn_mlp_stats(params, batches, eps=1e-5, unbiased=False):
     for i in range(2):
       z = h @ p[f"Dense_{i}"]["kernel"] + p[f"Dense_{i}"]["bias"]
       mu, var = z.mean(0), z.var(0)  # train mode normalises with the biased variance
-      stats[f"bn_{i}"] = {"mean": mu, "var": var * (len(z) / (len(z) - 1) if unbiased else 1.0)}
+      stats[f"bn_{i}"] = {"mean": mu, "var": var}
       z = (z - mu) / np.sqrt(var + eps) * p[f"bn_{i}"]["scale"] + p[f"bn_{i}"]["bias"]
       h = np.maximum(z, 0)
     sums = stats if sums is None else jax.tree.map(lambda r, s: r + (s - r) / n, sums, stats)
   return sums
 
 
-@pytest.mark.parametrize("unbiased", [False, True])
-def test_recompute_batch_stats_matches_update_bn(unbiased):
+def test_recompute_batch_stats_matches_update_bn():
   model = models.MLP(widths=(12, 8), num_classes=3, batch_norm=True)
   rng = np.random.default_rng(0)
   x = rng.normal(size=(70, 5)).astype(np.float32) * 2 + 1
@@ -262,14 +273,19 @@ def test_recompute_batch_stats_matches_update_bn(unbiased):
                               v["params"]),
        "batch_stats": v["batch_stats"]}
   batches = [x[:32], x[32:64], x[64:]]  # the last, smaller batch counts as one, as in torch
-  ref = _np_bn_mlp_stats(v["params"], batches, unbiased=unbiased)
+  ref = _np_bn_mlp_stats(v["params"], batches)
   zeroed = {**v, "batch_stats": jax.tree.map(jnp.zeros_like, v["batch_stats"])}
   stale = {**v, "batch_stats": jax.tree.map(lambda a: a + 5.0, v["batch_stats"])}
-  got = averaging.recompute_batch_stats(model.apply, zeroed, batches, unbiased_var=unbiased)
+  got = averaging.recompute_batch_stats(model, zeroed, batches)
   chex.assert_trees_all_close(got["batch_stats"], ref, rtol=2e-5, atol=1e-6)
-  got2 = averaging.recompute_batch_stats(model.apply, stale, batches, unbiased_var=unbiased)
+  got2 = averaging.recompute_batch_stats(model, stale, batches)
   chex.assert_trees_all_close(got2["batch_stats"], got["batch_stats"], rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_equal(got["params"], v["params"])
+  # one batch: the stored statistics are exactly that batch's, so eval == train output
+  one = averaging.recompute_batch_stats(model, v, batches[:1])
+  out_eval = model.apply(one, batches[0], train=False).logits
+  out_train, _ = model.apply(one, batches[0], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(out_eval, out_train.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_recompute_batch_stats_conv_momentum_099_and_stacked():
@@ -304,11 +320,15 @@ def test_recompute_batch_stats_errors():
   model = models.MLP(widths=(4,), num_classes=2)
   v = model.init(jax.random.key(0), jnp.ones((1, 3)))
   with pytest.raises(ValueError, match="no BatchNorm"):
-    averaging.recompute_batch_stats(model.apply, v, [np.ones((4, 3), np.float32)])
+    averaging.recompute_batch_stats(model, v, [np.ones((4, 3), np.float32)])
   bn = models.MLP(widths=(4,), num_classes=2, batch_norm=True)
   vb = bn.init(jax.random.key(0), jnp.ones((1, 3)))
   with pytest.raises(ValueError, match="no batches"):
-    averaging.recompute_batch_stats(bn.apply, vb, [])
+    averaging.recompute_batch_stats(bn, vb, [])
+  frozen = nn.BatchNorm(use_running_average=False, momentum=1.0)
+  vf = frozen.init(jax.random.key(0), jnp.ones((4, 3)))
+  with pytest.raises(ValueError, match="momentum 1"):
+    averaging.recompute_batch_stats(frozen, vf, [np.ones((4, 3), np.float32)])
 
 
 def test_mlp_batch_norm_is_backwards_compatible():
@@ -334,13 +354,13 @@ def test_star_restart_layout_and_optimizer_reset():
             "step": st["step"] + 1}
 
   s = jax.vmap(step)(state0)
-  star = averaging.star_restart(s, num_copies=3)
+  star = trajectory.star_restart(s, num_copies=3)
   for k in range(2):
     for c in range(3):
       chex.assert_trees_all_equal(tree_lib.index(star, 3 * k + c), tree_lib.index(s, k))
-  back = averaging.unflatten_star(star["params"], 3)
+  back = trajectory.unflatten_star(star["params"], 3)
   chex.assert_trees_all_equal(jax.tree.map(lambda a: a[:, 2], back), s["params"])
-  reset = averaging.star_restart(s, num_copies=3, tx=tx, reset_optimizer=True)
+  reset = trajectory.star_restart(s, num_copies=3, tx=tx, reset_optimizer=True)
   assert np.all(np.asarray(reset["opt_state"].count) == 0)
   mom = [x for x in jax.tree.leaves(reset["opt_state"].inner_state) if np.ndim(x) > 1]
   old = [x for x in jax.tree.leaves(star["opt_state"].inner_state) if np.ndim(x) > 1]
@@ -349,4 +369,100 @@ def test_star_restart_layout_and_optimizer_reset():
   np.testing.assert_array_equal(reset["opt_state"].hyperparams["lr_scale"], [1, 1, 1, .5, .5, .5])
   chex.assert_trees_all_equal(reset["params"], star["params"])
   with pytest.raises(ValueError, match="tx"):
-    averaging.star_restart(s, num_copies=2, reset_optimizer=True)
+    trajectory.star_restart(s, num_copies=2, reset_optimizer=True)
+
+
+# --------------------------------------------------------------------------- plans and fit
+
+def test_plans_collect_where_their_papers_do():
+  spe = 10
+  sse = trajectory.sse_plan(base_lr=0.1, total_steps=8 * spe, num_cycles=4)
+  np.testing.assert_array_equal(sse.snapshot_steps, [20, 40, 60, 80])
+  fge = trajectory.fge_plan(base_lr=0.05, total_steps=8 * spe, pretrain_steps=4 * spe,
+                            cycle_steps=spe, lr_1=0.02, lr_2=0.0005)
+  np.testing.assert_array_equal(fge.snapshot_steps, [46, 56, 66, 76])  # cycle midpoints
+  lrs = np.asarray(jax.vmap(fge.schedule)(jnp.arange(80)))
+  np.testing.assert_allclose(lrs[fge.snapshot_steps - 1], 0.0005, rtol=1e-5)
+  np.testing.assert_allclose(lrs[39], 0.02, rtol=0.05)  # pre-training ends near lr_1
+  swa = trajectory.swa_plan(base_lr=0.05, total_steps=8 * spe, pretrain_steps=4 * spe,
+                            swa_lr=0.01, anneal_steps=spe, every=5)
+  np.testing.assert_array_equal(swa.average_steps, np.arange(50, 81, 5))
+  np.testing.assert_allclose(np.asarray(jax.vmap(swa.schedule)(jnp.arange(50, 80))), 0.01,
+                             rtol=1e-6)
+  star = trajectory.starsse_plan(base_lr=0.1, total_steps=80, num_cycles=4)
+  assert star.cycle_steps == 20 and star.num_cycles == 4
+  with pytest.raises(ValueError, match="pretrain_steps=80 leaves no"):
+    trajectory.swa_plan(base_lr=0.05, total_steps=80, pretrain_steps=80, swa_lr=0.01,
+                        anneal_steps=0, every=5)
+
+
+def _hand_run(model, tx, state, x, y, *, seed, num_steps, collect=()):
+  """The runs stepped by hand: batches of seed, keys of seed + 1, states kept at `collect`."""
+  k = int(state["step"].shape[0])
+  batch_fn, _ = train.make_batch_fn(x, y, seed=seed, batch_size=32, num_members=k)
+  step = members.ensemble_step(model=model, tx=tx, num_members=k)
+  keys = members.member_keys(jax.random.key(seed + 1), k)
+  kept = {}
+  for t in range(num_steps):
+    state, _ = step(state, batch_fn(t), members.step_keys(keys, t))
+    if t + 1 in collect:
+      kept[t + 1] = members.variables_of(state)
+  return state, kept
+
+
+@pytest.mark.parametrize("method", ["snapshot", "swa", "starsse"])
+def test_trajectory_fit_equals_the_hand_loop(digits, method, tmp_path):
+  model = models.MLP(widths=(16,), num_classes=10, batch_norm=True)
+  x, y = digits.x_train[:256], digits.y_train[:256]
+  total = 24  # 3 epochs of 8 steps
+  plan = {"snapshot": lambda: trajectory.sse_plan(base_lr=0.1, total_steps=total, num_cycles=3),
+          "swa": lambda: trajectory.swa_plan(base_lr=0.05, total_steps=total, pretrain_steps=8,
+                                             swa_lr=0.01, anneal_steps=4, every=4),
+          "starsse": lambda: trajectory.starsse_plan(base_lr=0.1, total_steps=total,
+                                                     num_cycles=3)}[method]()
+  opt = lambda lr: optim.make_optimizer(learning_rate=lr, momentum=0.9)
+  run = trajectory.fit(model, plan, x, y, optimizer=opt, num_runs=2, batch_size=32, seed=4,
+                       workdir=str(tmp_path), progress=False)
+  tx = opt(plan.schedule)
+  state0 = members.init_states(members.init_members(jax.random.key(4), model, x[:1], 2), tx)
+  if method == "starsse":
+    first, _ = _hand_run(model, tx, state0, x, y, seed=4, num_steps=plan.cycle_steps)
+    star, _ = _hand_run(model, tx, trajectory.star_restart(first, num_copies=2), x, y,
+                        seed=1004, num_steps=plan.cycle_steps)
+    want = jax.tree.map(lambda a, b: jnp.concatenate([a[:, None], b], 1),
+                        members.variables_of(first),
+                        trajectory.unflatten_star(members.variables_of(star), 2))
+    chex.assert_trees_all_close(run.snapshots, want, rtol=1e-5, atol=1e-6)
+    return
+  end, kept = _hand_run(model, tx, state0, x, y, seed=4, num_steps=total,
+                        collect=set(plan.snapshot_steps) | set(plan.average_steps))
+  chex.assert_trees_all_close(run.state, end, rtol=1e-5, atol=1e-6)
+  if method == "snapshot":
+    want = jax.tree.map(lambda *a: jnp.stack(a, 1), *[kept[s] for s in plan.snapshot_steps])
+    chex.assert_trees_all_close(run.snapshots, want, rtol=1e-5, atol=1e-6)
+  else:
+    want = jax.tree.map(lambda *a: jnp.mean(jnp.stack(a), 0), *[kept[s] for s in plan.average_steps])
+    chex.assert_trees_all_close(run.average, want, rtol=1e-5, atol=1e-6)
+
+
+def test_recalibrate_over_seeds_x_snapshots_matches_a_per_model_loop(digits):
+  """`recalibrate(member_dims=2)` recomputes each (seed, snapshot) model's BN statistics
+  exactly as `recompute_batch_stats` on that model alone would."""
+  model = models.MLP(widths=(16, 16), num_classes=10, batch_norm=True)
+  seeds, snaps = 2, 3
+  v = members.init_members(jax.random.key(0), model, digits.x_train[:1], seeds * snaps)
+  # Distinct weights per model, and stale (zeroed) statistics that must not matter.
+  v = {"params": jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape),
+                              v["params"]),
+       "batch_stats": jax.tree.map(lambda a: 0.0 * a, v["batch_stats"])}
+  grid = jax.tree.map(lambda a: a.reshape((seeds, snaps) + a.shape[1:]), v)
+  x = digits.x_train[:200]
+  out = trajectory.recalibrate(model, grid, x, batch_size=32, num_examples=160, member_dims=2)
+  for s in range(seeds):
+    for m in range(snaps):
+      one = jax.tree.map(lambda a: a[s, m], grid)
+      ref = averaging.recompute_batch_stats(model, one, (x[i:i + 32] for i in range(0, 160, 32)))
+      got = jax.tree.map(lambda a: a[s, m], out)
+      chex.assert_trees_all_close(got["batch_stats"], ref["batch_stats"], rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_equal(got["params"], one["params"])
+      assert float(np.abs(np.asarray(jax.tree.leaves(got["batch_stats"])[0])).sum()) > 0

@@ -1,6 +1,6 @@
 """20 Newsgroups ("bydate", the thesis's TNG) as TF-IDF vectors, read from the tar.gz.
 
-The archive (`../shared/data/20newsgroups/20news-bydate-repacked.tar.gz`, see its
+The archive (`20newsgroups/20news-bydate-repacked.tar.gz` in the shared data folder, see its
 README) holds `20news-bydate-{train,test}/<group>/<id>` files of raw latin-1 bytes.
 They are read straight from the archive with `tarfile` (nothing is extracted), the
 TF-IDF vocabulary is fit on the training posts only (after the validation split is

@@ -1,4 +1,7 @@
-"""Semantic textual similarity (STS) sets as laid out in `../shared/data` (see each README).
+"""Semantic textual similarity (STS) sets as laid out in the shared data folder (see each README).
+
+Every reader takes `root`, the folder holding `sts12-16/`, `stsb/` and `sick/` (the
+project's configs pass `configlib.SHARED_DATA`).
 
 - STS12–STS16 (`sts12-16/STS1x-en-test/`): per subset `STS.input.<s>.txt` (sentence1 TAB
   sentence2 [TAB source1 TAB source2 for STS16]) and `STS.gs.<s>.txt` (one score or an empty
@@ -23,7 +26,6 @@ import os
 
 import numpy as np
 
-DEFAULT_ROOT = "../shared/data"
 STS_YEARS = {
     "STS12": ("MSRpar", "MSRvid", "SMTeuroparl", "surprise.OnWN", "surprise.SMTnews"),
     "STS13": ("FNWN", "headlines", "OnWN"),
@@ -77,7 +79,7 @@ def read_sts_subset(input_path: str, gs_path: str, *, name: str = "") -> STSPair
                   np.asarray(scores, np.float64))
 
 
-def read_sts_year(year: str, *, root: str = DEFAULT_ROOT) -> dict[str, STSPairs]:
+def read_sts_year(year: str, *, root: str) -> dict[str, STSPairs]:
   """{subset: STSPairs} for one of STS12..STS16 (scored pairs only)."""
   if year not in STS_YEARS:
     raise ValueError(f"Unknown STS year {year!r}; choose one of {sorted(STS_YEARS)}.")
@@ -88,7 +90,7 @@ def read_sts_year(year: str, *, root: str = DEFAULT_ROOT) -> dict[str, STSPairs]
           for s in STS_YEARS[year]}
 
 
-def read_stsb(split: str = "test", *, root: str = DEFAULT_ROOT) -> STSPairs:
+def read_stsb(split: str = "test", *, root: str) -> STSPairs:
   """The STS Benchmark split (train | dev | test); extra trailing columns are ignored."""
   if split not in ("train", "dev", "test"):
     raise ValueError(f"Unknown STS-B split {split!r}; use train, dev or test.")
@@ -105,7 +107,7 @@ def read_stsb(split: str = "test", *, root: str = DEFAULT_ROOT) -> STSPairs:
   return STSPairs(f"STSBenchmark/{split}", tuple(s1), tuple(s2), np.asarray(scores, np.float64))
 
 
-def read_sick(split: str = "test", *, root: str = DEFAULT_ROOT) -> STSPairs:
+def read_sick(split: str = "test", *, root: str) -> STSPairs:
   """SICK relatedness from the SemEval-2014 files (train | trial | test)."""
   files = {"train": "SICK_train.txt", "trial": "SICK_trial.txt", "test": "SICK_test_annotated.txt"}
   if split not in files:
@@ -123,7 +125,7 @@ def read_sick(split: str = "test", *, root: str = DEFAULT_ROOT) -> STSPairs:
                   np.asarray(scores, np.float64))
 
 
-def load_sts_tasks(tasks=TASKS, *, root: str = DEFAULT_ROOT) -> dict[str, dict[str, STSPairs]]:
+def load_sts_tasks(tasks=TASKS, *, root: str) -> dict[str, dict[str, STSPairs]]:
   """{task: {subset: STSPairs}} for the evaluation sets (STS-B test, SICK test)."""
   out = {}
   for task in tasks:
@@ -138,7 +140,7 @@ def load_sts_tasks(tasks=TASKS, *, root: str = DEFAULT_ROOT) -> dict[str, dict[s
   return out
 
 
-def training_sentences(*, root: str = DEFAULT_ROOT) -> list[str]:
+def training_sentences(*, root: str) -> list[str]:
   """Unlabelled training text: unique sentences of STS-B train and SICK train, in file order.
 
   Scores are never read by the training code; only these sentences are used.

@@ -74,9 +74,9 @@ def with_arcface(backbone: nn.Module, *, num_classes: int, embedding_dim: int = 
                       embedding_dim=embedding_dim, scale=scale)
 
 
-def make_arcface_model(model_config: Any, *, num_classes: int, embedding_dim: int = 128,
-                       scale: float = 64.0) -> ArcFaceModel:
-  """`with_arcface(make_model(model_config))`: a registry backbone with an ArcFace head."""
+def make_arcface_model(name: str, *, num_classes: int, embedding_dim: int = 128,
+                       scale: float = 64.0, **attributes: Any) -> ArcFaceModel:
+  """`with_arcface(make_model(name, **attributes))`: a registry backbone with an ArcFace head."""
   from ensembling.models.registry import make_model
-  return with_arcface(make_model(model_config, num_classes=1), num_classes=num_classes,
+  return with_arcface(make_model(name, num_classes=1, **attributes), num_classes=num_classes,
                       embedding_dim=embedding_dim, scale=scale)

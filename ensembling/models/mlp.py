@@ -37,14 +37,26 @@ class MLP(nn.Module):
     return Output(x, logits)
 
 
+class _Part(nn.Module):
+  """One part of a `PartitionedMLP`: an `MLP` taking `train` positionally (for nn.vmap)."""
+  widths: Sequence[int]
+  num_classes: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, train):
+    return MLP(self.widths, self.num_classes, self.dropout, name="mlp")(x, train=train)
+
+
 class PartitionedMLP(nn.Module):
-  """A dense MLP cut into `parts` independent sub-networks (block-diagonal weights).
+  """A dense MLP cut into `parts` independent sub-networks: `nn.vmap` of `MLP`.
 
   Every hidden layer has `widths[i]` neurons in total, `widths[i] // parts` per part;
-  the sub-networks share only the input. Each part has its own softmax head
-  (`head` kernel: parts x (width / parts) x C) and the output logits are the mean of
-  the parts' logits; features are the concatenated last hidden layers, ready for a
-  SuperNet head.
+  the parts share only the input (block-diagonal weights). Each part is an `MLP` with
+  its own softmax head, its own initialisation and dropout stream; the parameters are
+  those of `parts` stacked MLPs under `parts/mlp` (leading axis = part). The output
+  logits are the mean of the parts' logits; features are the concatenated last hidden
+  layers (part-major), ready for a SuperNet head.
   """
   widths: Sequence[int] = (240, 560, 560)
   num_classes: int = 10
@@ -56,29 +68,13 @@ class PartitionedMLP(nn.Module):
     for w in self.widths:
       if w % self.parts:
         raise ValueError(f"width {w} is not divisible by parts={self.parts}.")
-    x = x.reshape((x.shape[0], -1))
-    # LeCun-normal per part, as each part's own nn.Dense would be: fan_in is the
-    # part's input size (batch_axis=0 keeps the part axis out of the fan).
-    init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                            in_axis=1, out_axis=2, batch_axis=(0,))
-    h = None
-    for i, w in enumerate(self.widths):
-      wp = w // self.parts
-      if h is None:  # input shared by all parts, each with its own weights.
-        kernel = self.param(f"kernel_{i}", init, (self.parts, x.shape[-1], wp))
-        h = jnp.einsum("bi,pio->pbo", x, kernel)
-      else:
-        kernel = self.param(f"kernel_{i}", init, (self.parts, h.shape[-1], wp))
-        h = jnp.einsum("pbi,pio->pbo", h, kernel)
-      bias = self.param(f"bias_{i}", nn.initializers.zeros, (self.parts, 1, wp))
-      h = nn.relu(h + bias)
-      if self.dropout > 0:
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    head_k = self.param("head_kernel", init, (self.parts, h.shape[-1], self.num_classes))
-    head_b = self.param("head_bias", nn.initializers.zeros, (self.parts, 1, self.num_classes))
-    logits_P = jnp.einsum("pbi,pio->pbo", h, head_k) + head_b
-    features = jnp.transpose(h, (1, 0, 2)).reshape((x.shape[0], -1))
-    return Output(features, logits_P.mean(axis=0))
+    parts = nn.vmap(_Part, variable_axes={"params": 0},
+                    split_rngs={"params": True, "dropout": True}, in_axes=(None, None),
+                    out_axes=0, axis_size=self.parts)
+    out = parts(tuple(w // self.parts for w in self.widths), self.num_classes, self.dropout,
+                name="parts")(x, train)
+    features = jnp.transpose(out.features, (1, 0, 2)).reshape((x.shape[0], -1))
+    return Output(features, out.logits.mean(axis=0))
 
 
 def partitioned_from_members(params_K) -> dict:
@@ -95,13 +91,6 @@ def partitioned_from_members(params_K) -> dict:
   Returns:
     The `PartitionedMLP` params (without the member axis).
   """
-  names = sorted((n for n in params_K if n.startswith("Dense_")), key=lambda n: int(n[6:]))
-  if "head" not in params_K or not names:
+  if "head" not in params_K or not any(n.startswith("Dense_") for n in params_K):
     raise ValueError(f"Expected MLP params with Dense_i and head, got {sorted(params_K)}.")
-  out = {}
-  for i, n in enumerate(names):
-    out[f"kernel_{i}"] = params_K[n]["kernel"]
-    out[f"bias_{i}"] = params_K[n]["bias"][:, None, :]
-  out["head_kernel"] = params_K["head"]["kernel"]
-  out["head_bias"] = params_K["head"]["bias"][:, None, :]
-  return out
+  return {"parts": {"mlp": dict(params_K)}}

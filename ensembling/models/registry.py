@@ -1,6 +1,6 @@
-"""Builds a model from a config block (`config.model`)."""
+"""Builds one of our models by name (configs name them in `config.model`)."""
 
-from typing import Any, Mapping
+from typing import Any
 
 from ensembling.models.cnn import CNN
 from ensembling.models.mlp import MLP, PartitionedMLP
@@ -9,18 +9,18 @@ from ensembling.models.resnet import ResNet
 MODELS = {"mlp": MLP, "partitioned_mlp": PartitionedMLP, "cnn": CNN, "resnet": ResNet}
 
 
-def make_model(model_config: Mapping[str, Any], *, num_classes: int):
-  """`model_config` holds `name` plus the module's attributes (e.g. widths, dropout)."""
-  cfg = dict(model_config)
-  name = cfg.pop("name", None)
+def make_model(name: str, *, num_classes: int, **attributes: Any):
+  """`MODELS[name](num_classes=..., **attributes)`, checking the attribute names.
+
+  >>> make_model("mlp", num_classes=3, widths=(8,)).widths
+  (8,)
+  """
   if name not in MODELS:
     raise ValueError(f"Unknown model name {name!r}; choose one of {sorted(MODELS)}.")
   cls = MODELS[name]
   fields = set(cls.__dataclass_fields__) - {"parent", "name"}
-  unknown = sorted(set(cfg) - fields)
+  unknown = sorted(set(attributes) - fields)
   if unknown:
     raise ValueError(f"Unknown option(s) {unknown} for model {name!r}; it takes {sorted(fields)}.")
-  for k, v in cfg.items():
-    if isinstance(v, list):
-      cfg[k] = tuple(v)
-  return cls(num_classes=num_classes, **cfg)
+  attributes = {k: tuple(v) if isinstance(v, list) else v for k, v in attributes.items()}
+  return cls(num_classes=num_classes, **attributes)
