@@ -2,10 +2,10 @@
 import setuptools
 
 CORE = [
-    "jax>=0.4.30",
-    "flax>=0.8.5",
-    "optax>=0.2.3",
-    "orbax-checkpoint>=0.6",
+    "jax>=0.6",                   # keystr(simple=, separator=), jax.random.key(impl=)
+    "flax>=0.11",                 # nnx.to_pure_dict / replace_by_pure_dict
+    "optax>=0.2.5",               # optax.tree.norm, sgdr_schedule
+    "orbax-checkpoint>=0.11",
     "ml-collections>=0.1.1",
     "chex>=0.1.86",
     "numpy>=1.26",

@@ -125,7 +125,7 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
     batches: an iterable of input arrays (B, ...) or dicts with key "x".
     stacked: `variables` carry a leading member axis.
     key: PRNG key for dropout (as in PyTorch, the pass runs in training mode); batch i
-      uses fold_in(key, i). Needed only if the model has dropout.
+      uses fold_in(key, i); None means `jax.random.key(0)`.
 
   Returns:
     `variables` with "batch_stats" replaced.
@@ -133,6 +133,7 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
   m = as_model(model)
   if not jax.tree.leaves(variables.get("batch_stats", {})):
     raise ValueError("variables have no 'batch_stats': the model has no BatchNorm.")
+  key = jax.random.key(0) if key is None else key
   momentum_fn = lambda v, x, k: jax.tree.map(
       lambda a, z: a - z, _stats_after(m, v, x, k, 1.0), _stats_after(m, v, x, k, 0.0))
   stats_fn = functools.partial(batch_statistics, m)
@@ -147,7 +148,7 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
   n = 0
   for i, batch in enumerate(batches):
     x = jnp.asarray(batch["x"] if isinstance(batch, dict) else batch)
-    k = jax.random.fold_in(key, i) if key is not None else None
+    k = jax.random.fold_in(key, i)
     if momentum is None:
       momentum = momentum_fn(variables, x, k)
       _check_momentum(momentum)

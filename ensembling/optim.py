@@ -93,12 +93,14 @@ def freeze(tx: optax.GradientTransformation, params: PyTree, *,
 
   >>> import jax.numpy as jnp, optax
   >>> params = {"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}}
-  >>> tx = freeze(optax.adam(0.1), params, trainable="^head/")
+  >>> tx = freeze(optax.sgd(0.5, momentum=0.9), params, trainable="^head/")
   >>> state = tx.init(params)
   >>> updates, _ = tx.update({"body": {"w": jnp.ones(2)}, "head": {"w": jnp.ones(2)}},
   ...                        state, params)
   >>> updates["body"]["w"].tolist(), updates["head"]["w"].tolist()
-  ([0.0, 0.0], [-0.1, -0.1])
+  ([0.0, 0.0], [-0.5, -0.5])
+  >>> [x.shape for x in jax.tree.leaves(state)]  # momentum for "head" only
+  [(2,)]
   """
   mask = trainable_mask(params, trainable)
   labels = jax.tree.map(lambda t: "trainable" if t else "frozen", mask)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ensembling import checkpoint, data, ensemble, losses, members, metrics, optim
 from ensembling import tree as tree_lib

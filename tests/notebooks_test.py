@@ -1,33 +1,49 @@
 """Every notebook executes top to bottom (it imports the package, never copies it)."""
 
-import glob
+import importlib.util
 import os
 
 import pytest
 
 from conftest import REPO
 
-NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_runs(path):
-  nbformat = pytest.importorskip("nbformat")
-  nbclient = pytest.importorskip("nbclient")
-  nb = nbformat.read(path, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+def _generator():
+  spec = importlib.util.spec_from_file_location(
+      "make_notebooks", os.path.join(REPO, "notebooks", "make_notebooks.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+MARKERS = {  # what each notebook must print: its checks ran
+    "quickstart.ipynb": ["ensemble (prob. average)"],
+    "own_model.ipynb": ["linen: vmapped members == per-member loop",
+                        "nnx: vmapped members == per-member loop", "greedy soup of",
+                        "SWA, recalibrated"],
+}
+
+
+def test_every_notebook_is_generated_and_checked():
+  assert sorted(_generator().NOTEBOOKS) == sorted(MARKERS)
+  on_disk = sorted(f for f in os.listdir(os.path.join(REPO, "notebooks")) if f.endswith(".ipynb"))
+  assert on_disk == sorted(MARKERS)
+
+
+@pytest.mark.parametrize("name", sorted(MARKERS))
+def test_notebook_is_in_sync_with_its_generator_and_runs(name):
+  saved = nbformat.read(os.path.join(REPO, "notebooks", name), as_version=4)
+  assert [c.source for c in saved.cells] == [c.source for c in
+                                             _generator().build(_generator().NOTEBOOKS[name]).cells]
+  assert any(c.get("outputs") for c in saved.cells if c.cell_type == "code")  # outputs stored
+  client = nbclient.NotebookClient(saved, timeout=900, kernel_name="python3",
                                    resources={"metadata": {"path": REPO}})
   client.execute()  # raises CellExecutionError on any failing cell
-  outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+  outputs = "".join(o.get("text", "") for c in saved.cells if c.cell_type == "code"
                     for o in c.get("outputs", []))
-  assert "ensemble (prob. average)" in outputs
-
-
-def test_quickstart_is_in_sync_with_its_generator():
-  import importlib.util
-  nbformat = pytest.importorskip("nbformat")
-  spec = importlib.util.spec_from_file_location("mk", os.path.join(REPO, "notebooks", "make_quickstart.py"))
-  mk = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mk)
-  saved = nbformat.read(os.path.join(REPO, "notebooks", "quickstart.ipynb"), as_version=4)
-  assert [c.source for c in saved.cells] == [c.source for c in mk.build().cells]
+  for marker in MARKERS[name]:
+    assert marker in outputs
+  assert "IProgress" not in outputs and "Warning" not in outputs
