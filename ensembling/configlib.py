@@ -34,6 +34,8 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   A bare name sets a bool default to True, or, for the special key `preset`
   (when given in `spec`), picks the preset. Unknown names are errors.
   """
+  if arg == LIST_ARGS:
+    raise ArgsRequested(spec)
   out = dict(spec)
   for token in filter(None, (arg or "").split(",")):
     name, eq, value = token.partition("=")
@@ -279,3 +281,118 @@ def _plain(value):
   if isinstance(value, list):
     return tuple(_plain(v) for v in value)
   return value
+
+
+# --------------------------------------------------------------------------- validation
+
+NON_RESULT_FIELDS = (      # may differ between a run and its resumption: they cannot change results
+    "progress",            # progress bars
+    "eval_batch_size",     # inference chunk size
+)
+PER_MEMBER_FIELDS = ("optim.lr_scale", "optim.weight_decay")  # a number or one per member
+
+
+def result_fields(config) -> dict:
+  """The config's fields that can change results (all but `NON_RESULT_FIELDS`)."""
+  d = config.to_dict()
+  for name in NON_RESULT_FIELDS:
+    d.pop(name, None)
+  return json_safe(d)
+
+
+def json_safe(value):
+  """Tuples as lists, recursively: what the config looks like after a JSON round trip."""
+  if isinstance(value, dict):
+    return {k: json_safe(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(v) for v in value]
+  return value
+
+
+def validate(config) -> None:
+  """Checks the shared fields' types and ranges; a ValueError lists every problem.
+
+  Run before a workdir is created or changed. Experiment-specific fields are checked by
+  the experiment module's own `validate(config)`, when it has one.
+  """
+  problems = []
+
+  def need(ok, msg):
+    if not ok:
+      problems.append(msg)
+
+  def integer(name, low):
+    v = config.get(name)
+    if v is not None:
+      need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
+           f"{name} must be an integer >= {low}, got {v!r}")
+
+  for name, low in (("members", 1), ("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1),
+                    ("seed", 0), ("eval_every_steps", 0), ("checkpoint_every_steps", 0)):
+    integer(name, low)
+  from ensembling import members as members_lib
+  if "members_strategy" in config:
+    need(config.members_strategy in members_lib.STRATEGIES,
+         f"members_strategy must be one of {members_lib.STRATEGIES}, got "
+         f"{config.members_strategy!r}")
+  k = config.get("members")
+  if "optim" in config:
+    o = config.optim
+    need(o.get("name", "sgd") in optim.OPTIMIZERS,
+         f"optim.name must be one of {optim.OPTIMIZERS}, got {o.get('name')!r}")
+    lr = o.get("learning_rate")
+    need(isinstance(lr, (int, float)) and lr > 0,
+         f"optim.learning_rate must be a number > 0, got {lr!r}")
+    if "momentum" in o:
+      need(0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum!r}")
+    if "schedule" in o:
+      need(o.schedule in ("constant", "cosine"),
+           f"optim.schedule must be constant or cosine, got {o.schedule!r}")
+    for name in ("warmup_steps", "grad_clip_norm"):
+      if name in o:
+        need(o[name] >= 0, f"optim.{name} must be >= 0, got {o[name]!r}")
+    for field in PER_MEMBER_FIELDS:
+      name = field.split(".")[1]
+      if name not in o:
+        continue
+      v = _plain(o[name])
+      vals = list(v) if isinstance(v, tuple) else [v]
+      need(all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+               for x in vals), f"{field} must be numbers >= 0, got {v!r}")
+      if isinstance(v, tuple) and isinstance(k, int):
+        need(len(v) == k, f"{field} has {len(v)} values for {k} members; give one value or "
+                          "one per member")
+  if "data" in config:
+    try:
+      data.check_data_config(config.data.to_dict())
+    except ValueError as e:
+      problems.append(str(e))
+  if "model" in config and "name" in config.model and config.model.name in models.registry.MODELS:
+    try:
+      model_from_config(config.model, num_classes=2)
+    except (ValueError, TypeError) as e:
+      problems.append(str(e))
+  if problems:
+    raise ValueError("Invalid config:\n  - " + "\n  - ".join(problems))
+
+
+# --------------------------------------------------------------------------- listing args
+
+class ArgsRequested(Exception):
+  """Raised by `parse_arg` for `LIST_ARGS`: carries the config's `:arg` spec."""
+
+  def __init__(self, spec):
+    super().__init__("config args requested")
+    self.spec = spec
+
+
+LIST_ARGS = "?"
+
+
+def config_args(module) -> dict[str, Any]:
+  """The `:args` a config file's `get_config` takes, with their defaults."""
+  try:
+    module.get_config(LIST_ARGS)
+  except ArgsRequested as e:
+    return dict(e.spec)
+  return {}

@@ -13,7 +13,23 @@ def _check_k(logits_KxBxC):
     raise ValueError(f"Expected member logits of shape (K, B, C), got {logits.shape}.")
   if logits.shape[0] == 0:
     raise ValueError("Cannot ensemble zero members.")
+  if not isinstance(logits, jax.core.Tracer):
+    finite = np.asarray(jnp.isfinite(logits).reshape(logits.shape[0], -1).all(axis=1))
+    if not finite.all():
+      raise ValueError(f"Member(s) {np.flatnonzero(~finite).tolist()} of {len(finite)} have "
+                       "NaN or inf logits.")
   return logits
+
+
+def check_weights(weights_K, num_members: int) -> np.ndarray:
+  """`weights_K` as float64 after checking: length K, finite, non-negative, positive sum."""
+  w = np.asarray(weights_K, np.float64)
+  if w.shape != (num_members,):
+    raise ValueError(f"weights must have one value per member: shape ({num_members},), got "
+                     f"{w.shape}.")
+  if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+    raise ValueError(f"weights must be finite, non-negative and not all zero, got {w.tolist()}.")
+  return w
 
 
 def average_probs(logits_KxBxC, weights_K=None) -> jax.Array:
@@ -22,8 +38,8 @@ def average_probs(logits_KxBxC, weights_K=None) -> jax.Array:
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   if weights_K is None:
     return probs.mean(0)
-  w = jnp.asarray(weights_K, jnp.float32)
-  return jnp.tensordot(w / w.sum(), probs, axes=1)
+  w = check_weights(weights_K, logits.shape[0])
+  return jnp.tensordot(jnp.asarray(w / w.sum(), jnp.float32), probs, axes=1)
 
 
 def average_logits(logits_KxBxC) -> jax.Array:

@@ -13,12 +13,35 @@ import numpy as np
 _EPS = 1e-12
 
 
+def check_probs(probs_BxC, *, what: str = "probs", atol: float = 1e-3) -> np.ndarray:
+  """`probs_BxC` as float64 after checking it holds probabilities, one row per example.
+
+  Rows must be finite, non-negative and sum to 1 (within `atol`); arrays that look like
+  logits get a hint to apply a softmax first.
+  """
+  probs = np.asarray(probs_BxC, np.float64)
+  if probs.ndim != 2:
+    raise ValueError(f"{what} must be (B, C) probabilities, got shape {probs.shape}.")
+  bad_rows = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+  if len(bad_rows):
+    raise ValueError(f"{what} has NaN or inf in row(s) {bad_rows[:5].tolist()}"
+                     f"{' ...' if len(bad_rows) > 5 else ''} of {len(probs)}.")
+  sums = probs.sum(axis=1)
+  if (probs < 0).any() or not np.allclose(sums, 1.0, atol=atol):
+    hint = (" They look like logits: apply a softmax first (`ensemble.members_probs`), or use "
+            "`report.ensemble_report`, which takes logits.")
+    raise ValueError(f"{what} must be probabilities (non-negative rows summing to 1); got "
+                     f"min {probs.min():.4g}, row sums {sums.min():.4g}..{sums.max():.4g}.{hint}")
+  return probs
+
+
 def _check(probs, labels):
-  probs = np.asarray(probs, np.float64)
+  from ensembling.data.core import check_labels
+  probs = check_probs(probs)
   labels = np.asarray(labels)
-  if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+  if labels.shape != (probs.shape[0],):
     raise ValueError(f"Expected probs (B, C) and labels (B,), got {probs.shape} and {labels.shape}.")
-  return probs, labels
+  return probs, check_labels(labels, num_classes=probs.shape[1])
 
 
 def accuracy(probs_BxC, labels_B) -> float:

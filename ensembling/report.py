@@ -13,11 +13,17 @@ from ensembling import ensemble, metrics
 METRIC_NAMES = ("accuracy", "nll", "ece", "brier")
 
 
-def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15) -> dict[str, Any]:
+def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15, val_logits=None,
+                    val_labels=None) -> dict[str, Any]:
   """Every member and every combination of them, on one labelled split.
 
-  Returns a dict with `members` (list of metric dicts), `best_member` (highest
-  accuracy), `mean_member` (mean over members of each metric), `ensemble`
+  The best member is the one with the highest accuracy on the validation split
+  (`val_logits` (K, V, C), `val_labels`), as a held-out selection must be; without one it
+  is selected on this split itself and `best_member["selected_on"]` says "test".
+
+  Returns a dict with `members` (list of metric dicts), `best_member` (its index,
+  `selected_on` and metrics on this split), `mean_member` (mean over members of each
+  metric), `ensemble`
   (probability averaging), `logit_average`, `vote` (accuracy only: vote shares are
   not calibrated probabilities), `disagreement` (K x K), `mean_disagreement` and
   `accuracy_vs_members` (the prob. average of the first k members, k = 1..K).
@@ -25,12 +31,18 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15) -> dict[str, 
   logits = np.asarray(logits_KxBxC)
   probs_K = ensemble.members_probs(logits)
   per = [metrics.classification_metrics(p, labels_B, num_bins=num_bins) for p in probs_K]
-  best = max(range(len(per)), key=lambda i: per[i]["accuracy"])
+  if val_logits is not None and len(np.asarray(val_labels)):
+    val_acc = [metrics.accuracy(p, val_labels) for p in ensemble.members_probs(val_logits)]
+    if len(val_acc) != len(per):
+      raise ValueError(f"val_logits has {len(val_acc)} members, logits {len(per)}.")
+    best, selected_on = int(np.argmax(val_acc)), "validation"
+  else:
+    best, selected_on = max(range(len(per)), key=lambda i: per[i]["accuracy"]), "test"
   preds = probs_K.argmax(-1)
   logit_probs = np.asarray(ensemble.average_probs(ensemble.average_logits(logits)[None]))
   return {
       "members": per,
-      "best_member": {"index": best, **per[best]},
+      "best_member": {"index": best, "selected_on": selected_on, **per[best]},
       "mean_member": {n: float(np.mean([p[n] for p in per])) for n in METRIC_NAMES},
       "ensemble": metrics.classification_metrics(
           np.asarray(ensemble.average_probs(logits)), labels_B, num_bins=num_bins),
@@ -64,7 +76,9 @@ def markdown_table(rows: Sequence[tuple[str, Mapping[str, float]]],
 
 def ensemble_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, float]]]:
   rows = [(f"member {i}", m) for i, m in enumerate(report["members"])]
-  rows += [(f"best member ({report['best_member']['index']})", report["best_member"]),
+  best = report["best_member"]
+  how = "by validation accuracy" if best.get("selected_on") == "validation" else "selected on test"
+  rows += [(f"best member ({best['index']}, {how})", best),
            ("mean member", report["mean_member"]),
            ("ensemble (prob. average)", report["ensemble"]),
            ("ensemble (logit average)", report["logit_average"]),

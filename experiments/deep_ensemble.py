@@ -11,9 +11,11 @@ def run(config, workdir: str):
   splits = configlib.load_data(config)
   k = int(config.members)
   model, res = configlib.train_members_from_config(config, splits, workdir)
-  rep = report.ensemble_report(members.predict(model, res.state, splits.x_test,
-                                               batch_size=config.eval_batch_size,
-                                               strategy=res.strategy), splits.y_test)
+  predict = lambda x: members.predict(model, res.state, x, batch_size=config.eval_batch_size,
+                                      strategy=res.strategy)
+  rep = report.ensemble_report(predict(splits.x_test), splits.y_test,
+                               val_logits=predict(splits.x_val) if len(splits.y_val) else None,
+                               val_labels=splits.y_val)
   rep.update(data=splits.describe(), strategy=res.strategy)
   markdown = (f"# Deep ensemble: {k} x {config.model.name} on {splits.name} (test split)\n\n"
               + report.markdown_table(report.ensemble_rows(rep))

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import numpy as np
+
+DATA_KEYS = ("name", "source", "dir", "validation_size", "limit_train", "max_features")
+SOURCES = ("", "builtin", "idx", "tfds")
+ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist",
+           "20-newsgroups": "20newsgroups"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,22 +37,64 @@ class Splits:
             f"test {self.x_test.shape}, {self.num_classes} classes")
 
 
-def carve_validation(x: np.ndarray, y: np.ndarray, *, size: int | float, seed: int):
-  """Splits (x, y) into (train, validation) with a seeded permutation.
+def validation_count(size, num_examples: int) -> int:
+  """How many examples `validation_size` holds out of `num_examples`.
 
-  `size` is a count (int >= 1) or a fraction in (0, 1).
+  0 means no validation split; a fraction in (0, 1) is rounded to a count; an integral
+  value >= 2 is a count (configs store counts as floats: 5000.0 is 5000). 1 is refused as
+  ambiguous (one example, or all of them as a fraction), as is anything else.
   """
+  if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+    raise ValueError(f"validation_size must be a number, got {size!r}.")
+  if size == 0:
+    return 0
+  if 0 < size < 1:
+    k = int(round(size * num_examples))
+  elif size >= 2 and float(size).is_integer():
+    k = int(size)
+  else:
+    raise ValueError(f"validation_size={size!r}: use 0 (no validation split), a fraction in "
+                     "(0, 1), or a count >= 2.")
+  if not 0 <= k < num_examples:
+    raise ValueError(f"validation_size={size!r} leaves no training examples of {num_examples}.")
+  return k
+
+
+def carve_validation(x: np.ndarray, y: np.ndarray, *, size: int | float, seed: int):
+  """Splits (x, y) into (train, validation) with a seeded permutation (see `validation_count`)."""
   n = len(x)
-  k = int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
-  if not 0 <= k < n:
-    raise ValueError(f"validation size {size} is out of range for {n} training examples.")
+  k = validation_count(size, n)
   perm = np.random.default_rng(seed).permutation(n)
   val, train = perm[:k], perm[k:]
   return (x[train], y[train]), (x[val], y[val])
 
 
+def check_labels(y, *, num_classes: int, what: str = "labels") -> np.ndarray:
+  """`y` as int32 after checking every label is an integer in [0, num_classes).
+
+  >>> check_labels([0, 2, 1], num_classes=3)
+  array([0, 2, 1], dtype=int32)
+  """
+  y = np.asarray(y)
+  if y.ndim != 1:
+    raise ValueError(f"{what} must be 1-d, got shape {y.shape}.")
+  if y.size and not np.issubdtype(y.dtype, np.integer):
+    frac = ~np.isfinite(y) | (np.mod(np.nan_to_num(y, nan=0.5), 1) != 0)
+    if frac.any():
+      raise ValueError(f"{what} must be integer classes, got values like "
+                       f"{y[frac][:3].tolist()}.")
+  bad = (y < 0) | (y >= num_classes)
+  if y.size and bad.any():
+    raise ValueError(f"{what} must lie in [0, {num_classes}); found "
+                     f"{np.unique(y[bad])[:5].tolist()} ({int(bad.sum())} examples).")
+  return y.astype(np.int32)
+
+
 def make_splits(train, test, *, num_classes: int, validation_size, seed: int,
                 name: str, standardize: bool = True) -> Splits:
+  """Carves a validation split from `train`, standardises, and checks every label."""
+  check_labels(train[1], num_classes=num_classes, what=f"{name} train labels")
+  check_labels(test[1], num_classes=num_classes, what=f"{name} test labels")
   (xtr, ytr), (xva, yva) = carve_validation(*train, size=validation_size, seed=seed)
   xte, yte = test
   xtr, xva, xte = (np.asarray(a, np.float32) for a in (xtr, xva, xte))
@@ -89,18 +137,52 @@ def split_classes(splits: Splits, *, held_out) -> tuple[Splits, Splits]:
   return part(kept, "classes"), part(held, "held-out classes")
 
 
-def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
-  """Loads the dataset that `config.data` names.
+def check_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
+  """The data config with its name resolved, or a ValueError naming what is wrong.
 
-  Keys: `name` (digits | fashion_mnist | mnist | 20newsgroups | any tfds name with
-  source=tfds; 20newsgroups also reads `max_features`),
-  `source` (builtin | idx | tfds; optional), `dir`, `validation_size`, and `limit_train`
-  (keep only the first N training examples after the split; 0 keeps all).
+  Checks the keys (`DATA_KEYS`), the source, the dataset name (built-in ones unless
+  `source="tfds"`; close matches are suggested), `validation_size` and `limit_train`.
+  """
+  from ensembling.data import images
+  cfg = dict(data_config)
+  unknown = sorted(set(cfg) - set(DATA_KEYS))
+  if unknown:
+    hints = {k: difflib.get_close_matches(k, DATA_KEYS, n=1) for k in unknown}
+    raise ValueError("Unknown data key(s) " + ", ".join(
+        f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+        + f"; known: {list(DATA_KEYS)}.")
+  source = cfg.get("source", "") or ""
+  if source not in SOURCES:
+    raise ValueError(f"Unknown data.source {source!r}; use one of {SOURCES[1:]} (or '').")
+  name = ALIASES.get(cfg.get("name", "digits"), cfg.get("name", "digits"))
+  known = sorted(images.BUILTIN) + ["20newsgroups"]
+  if source != "tfds" and name not in known:
+    close = difflib.get_close_matches(name, known + list(ALIASES), n=2)
+    raise ValueError(f"Unknown dataset {name!r}" + (f" (did you mean {' or '.join(map(repr, close))}?)"
+                                                    if close else "")
+                     + f"; built-in: {known}. For a tfds dataset prepared on disk set "
+                     "data.source='tfds'.")
+  limit = cfg.get("limit_train", 0) or 0
+  if isinstance(limit, bool) or int(limit) != limit or limit < 0:
+    raise ValueError(f"data.limit_train must be an integer >= 0 (0: all), got {limit!r}.")
+  validation_count(cfg.get("validation_size", 0.1), 10**9)  # the rule, not the range
+  cfg["name"] = name
+  return cfg
+
+
+def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
+  """Loads the dataset that `config.data` names (checked by `check_data_config` first).
+
+  Keys: `name` (digits | fashion_mnist (or fashion-mnist) | mnist | 20newsgroups | any tfds
+  name with source=tfds; 20newsgroups also reads `max_features`), `source` (builtin |
+  idx | tfds; optional), `dir`, `validation_size` (0: none; a fraction in (0, 1); a count
+  >= 2), and `limit_train` (keep only the first N training examples after the split;
+  0 keeps all).
   """
   from ensembling.data import images, tfds_source  # local: keeps import cheap
 
-  cfg = dict(data_config)
-  name = cfg.get("name", "digits")
+  cfg = check_data_config(data_config)
+  name = cfg["name"]
   source = cfg.get("source", "") or ("tfds" if name not in images.BUILTIN else "builtin")
   val_size = cfg.get("validation_size", 0.1)
   if name == "20newsgroups":  # TF-IDF vectors read from the bydate tar.gz
@@ -111,13 +193,8 @@ def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
   elif source == "tfds":
     splits = tfds_source.load_tfds(name, data_dir=cfg.get("dir") or None,
                                    validation_size=val_size, seed=seed)
-  elif source in ("builtin", "idx"):
-    if name not in images.BUILTIN:
-      raise ValueError(f"Unknown dataset {name!r}; built-in ones are {sorted(images.BUILTIN)} "
-                       "(set data.source='tfds' for a tfds dataset).")
-    splits = images.BUILTIN[name](cfg.get("dir", ""), validation_size=val_size, seed=seed)
   else:
-    raise ValueError(f"Unknown data.source {source!r}; use builtin, idx or tfds.")
+    splits = images.BUILTIN[name](cfg.get("dir", ""), validation_size=val_size, seed=seed)
   limit = int(cfg.get("limit_train", 0) or 0)
   if limit:
     splits = dataclasses.replace(splits, x_train=splits.x_train[:limit],
