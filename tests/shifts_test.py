@@ -31,7 +31,7 @@ def test_rotate_quarter_turns_equal_rot90(size):
   np.testing.assert_array_equal(shifts.rotate(x, 180, order=0), x[:, ::-1, ::-1])
 
 
-def test_rotate_composes_and_keeps_shape_dtype():
+def test_rotate_keeps_shape_dtype_and_treats_images_independently():
   x = _images(2, n=2, h=8, w=12, c=1)                  # non-square keeps its shape
   once = shifts.rotate(x, 30)
   assert once.shape == x.shape and once.dtype == np.float32
