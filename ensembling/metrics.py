@@ -212,3 +212,123 @@ def spearman(x_N, y_N) -> float:
   ry -= ry.mean()
   denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
   return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+
+
+# --- Out-of-distribution detection: AUROC, AUPR, FPR at a TPR ------------------------
+#
+# Binary detection metrics with the argument order of scikit-learn's
+# `roc_auc_score(y_true, y_score)`. For OOD detection we follow torch-uncertainty
+# (`ClassificationRoutine`: in-distribution targets 0, OOD targets 1, score = -confidence
+# or an uncertainty) and uncertainty-baselines (`ood_labels = 1 - is_in_distribution`,
+# `ood_scores = 1 - max prob`): OOD is the positive class (label 1) and a higher score
+# means "more OOD". The scores in `ensembling.uncertainty` all follow that sign.
+
+
+def _check_binary(labels_N, scores_N):
+  labels = np.asarray(labels_N)
+  scores = np.asarray(scores_N, np.float64)
+  if labels.ndim != 1 or scores.shape != labels.shape:
+    raise ValueError(f"Expected labels (N,) and scores (N,), got {labels.shape} and "
+                     f"{scores.shape}.")
+  if labels.dtype != bool and not np.isin(labels, (0, 1)).all():
+    raise ValueError(f"labels must be 0/1 (1 = positive, e.g. OOD), got values "
+                     f"{np.unique(labels)[:10].tolist()}.")
+  if not np.isfinite(scores).all():
+    raise ValueError("scores contain NaN or infinite values.")
+  labels = labels.astype(bool)
+  n_pos = int(labels.sum())
+  if n_pos == 0 or n_pos == len(labels):
+    which = "negative (0)" if n_pos == 0 else "positive (1)"
+    raise ValueError(f"labels are all {which}: detection metrics need both classes "
+                     f"(got {len(labels)} examples).")
+  return labels, scores
+
+
+def _binary_curve(labels: np.ndarray, scores: np.ndarray):
+  """Cumulative (fps, tps) at each distinct threshold, highest threshold first.
+
+  Threshold t predicts "positive" for score >= t; tied scores enter together, so entry
+  i counts every example whose score is >= the i-th largest distinct score (as
+  scikit-learn's `_binary_clf_curve`).
+  """
+  order = np.argsort(-scores, kind="stable")
+  s, y = scores[order], labels[order]
+  last_of_tie = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+  tps = np.cumsum(y)[last_of_tie].astype(np.float64)
+  fps = (last_of_tie + 1) - tps
+  return fps, tps
+
+
+def auroc(labels_N, scores_N) -> float:
+  """Area under the ROC curve, ties handled as scikit-learn's `roc_auc_score`.
+
+  The ROC curve has one point per distinct score (plus the origin) and the area is the
+  trapezoid rule over those points, so a tie between a positive and a negative counts
+  1/2 (the Mann-Whitney U statistic over n_pos * n_neg).
+
+  Args:
+    labels_N: 1 (or True) for the positive class (OOD in our use), 0 for the negative
+      (in-distribution).
+    scores_N: higher = more likely positive (more OOD).
+
+  Returns:
+    A float in [0, 1]; 0.5 is chance, 1 separates the classes perfectly.
+
+  >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+  0.75
+  """
+  fps, tps = _binary_curve(*_check_binary(labels_N, scores_N))
+  fpr = np.r_[0.0, fps / fps[-1]]
+  tpr = np.r_[0.0, tps / tps[-1]]
+  return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def aupr(labels_N, scores_N) -> float:
+  """Area under the precision-recall curve as average precision (scikit-learn's
+  `average_precision_score`): AP = sum_n (R_n - R_{n-1}) P_n over distinct thresholds
+  from the highest down, with R_0 = 0 (a step function, no interpolation).
+
+  Args:
+    labels_N: 1 for the positive class (OOD: this is "AUPR-Out" / AUPR with OOD as
+      positive), 0 for the negative.
+    scores_N: higher = more likely positive.
+
+  Returns:
+    A float in (0, 1]; a random score gives about the positive fraction.
+
+  >>> aupr([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+  0.8333333333333333
+  """
+  fps, tps = _binary_curve(*_check_binary(labels_N, scores_N))
+  precision = tps / (tps + fps)
+  recall = tps / tps[-1]
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def fpr_at_tpr(labels_N, scores_N, *, tpr: float = 0.95) -> float:
+  """False-positive rate at the first threshold whose true-positive rate reaches `tpr`.
+
+  Thresholds are the distinct scores taken from the highest down (predict positive for
+  score >= t). With TPR(t) and FPR(t) the rates at threshold t, the result is
+  FPR(t*) where t* is the largest t with TPR(t) >= tpr; since both rates only grow as
+  t falls, this is also min{FPR(t) : TPR(t) >= tpr}. Tied scores are never split.
+  `fpr_at_tpr(labels, scores)` is "FPR95" with OOD as positive: the fraction of
+  in-distribution inputs flagged when 95% of OOD inputs are caught. (torch-uncertainty's
+  `FPR95` takes the point with TPR closest to 0.95 instead, which can lie below it.)
+
+  Args:
+    labels_N: 1 for the positive class (OOD), 0 for the negative.
+    scores_N: higher = more likely positive.
+    tpr: the true-positive rate to reach, in (0, 1].
+
+  Returns:
+    A float in [0, 1]; lower is better.
+
+  >>> fpr_at_tpr([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], tpr=0.95)
+  0.5
+  """
+  if not 0.0 < tpr <= 1.0:
+    raise ValueError(f"tpr must be in (0, 1], got {tpr}.")
+  fps, tps = _binary_curve(*_check_binary(labels_N, scores_N))
+  first = int(np.argmax(tps / tps[-1] >= tpr))  # exists: the last point has TPR = 1
+  return float(fps[first] / fps[-1])
