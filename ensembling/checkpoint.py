@@ -99,11 +99,23 @@ def restore(mgr: ocp.CheckpointManager, target: PyTree, *, step: int | None = No
   return tree
 
 
+def quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
+  """Moves checkpoint `step` aside (`<step>.corrupt-<n>`), out of orbax's sight; its new path."""
+  path = step_path(mgr, step)
+  n = 0
+  while os.path.exists(f"{path}.corrupt-{n}"):
+    n += 1
+  os.rename(path, f"{path}.corrupt-{n}")
+  mgr.reload()
+  return f"{path}.corrupt-{n}"
+
+
 def restore_latest_valid(mgr: ocp.CheckpointManager, target: PyTree
                          ) -> tuple[int, PyTree] | None:
   """(step, tree) of the newest checkpoint that restores and verifies; None if none exists.
 
-  Every newer checkpoint that fails is logged as a warning with its path and the reason.
+  Every newer checkpoint that fails is logged as a warning with its path and the reason,
+  and moved aside (`quarantine`), so that the resumed run can write that step again.
 
   Raises:
     CheckpointError: checkpoints exist but none verifies (each is named with its reason).
@@ -114,8 +126,9 @@ def restore_latest_valid(mgr: ocp.CheckpointManager, target: PyTree
     try:
       return int(step), restore(mgr, target, step=step)
     except CheckpointError as e:
-      log.warning("%s; trying an older checkpoint.", e)
       failures.append(str(e))
+      moved = quarantine(mgr, step)
+      log.warning("%s; moved to %s; trying an older checkpoint.", e, moved)
   if failures:
     raise CheckpointError("No checkpoint verifies:\n  " + "\n  ".join(failures)
                           + "\nStart afresh in a new workdir (or remove the checkpoints).")

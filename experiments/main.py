@@ -164,6 +164,7 @@ def main(argv=None) -> int:
     return 2
   from absl import app, flags
   from ml_collections import config_flags
+  sys.argv = argv  # config_flags reads the overrides from sys.argv when the flag is defined
   config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go.")
   flags.mark_flags_as_required(["config", "workdir"])

@@ -68,8 +68,48 @@ def test_idx_errors_name_the_file(tmp_path):
 def test_unknown_names():
   with pytest.raises(ValueError, match="Unknown data.source"):
     data.load({"name": "digits", "source": "web"})
-  with pytest.raises(ValueError, match="built-in ones"):
+  with pytest.raises(ValueError, match=r"Unknown dataset 'cifar'; built-in: \['digits'"):
     data.load({"name": "cifar", "source": "builtin"})
+  # A typo is answered with the close match, not a fall-through to tfds and its catalogue.
+  with pytest.raises(ValueError, match=r"Unknown dataset 'digitz' \(did you mean 'digits'\?\)"):
+    data.load({"name": "digitz"})
+  with pytest.raises(ValueError, match=r"Unknown data key\(s\) 'validaton_size' \(did you "
+                     r"mean 'validation_size'\?\)"):
+    data.load({"name": "digits", "validaton_size": 0.2})
+  with pytest.raises(ValueError, match="limit_train must be an integer >= 0"):
+    data.load({"name": "digits", "limit_train": -5})
+
+
+def test_fashion_mnist_folder_name_is_accepted(tmp_path):
+  _fake_idx_dir(tmp_path)
+  a = data.load({"name": "fashion-mnist", "dir": str(tmp_path), "validation_size": 20})
+  b = data.load({"name": "fashion_mnist", "dir": str(tmp_path), "validation_size": 20})
+  np.testing.assert_array_equal(a.x_train, b.x_train)
+
+
+@pytest.mark.parametrize("size,n_val", [(0, 0), (0.0, 0), (0.25, 359), (100, 100), (100.0, 100)])
+def test_validation_size_rules(digits, size, n_val):
+  s = data.load({"name": "digits", "validation_size": size})
+  assert len(s.x_val) == n_val == len(s.y_val)
+  assert len(s.x_train) + n_val == 1797 - 360
+
+
+@pytest.mark.parametrize("size", [1, 1.0, 1.5, -3, 5000])
+def test_bad_validation_sizes_are_refused(size):
+  with pytest.raises(ValueError, match="validation_size"):
+    data.load({"name": "digits", "validation_size": size})
+
+
+def test_labels_out_of_range_fail_at_load(tmp_path):
+  _fake_idx_dir(tmp_path)
+  _write_idx(os.path.join(tmp_path, "train-labels-idx1-ubyte.gz"),
+             np.r_[np.arange(10), [12], np.zeros(109)], 2049)
+  with pytest.raises(ValueError, match=r"train labels must lie in \[0, 10\); found \[12\]"):
+    data.load({"name": "fashion_mnist", "dir": str(tmp_path)})
+  for bad, match in (([0, -1], r"found \[-1\]"), ([0.5, 1], "integer classes"),
+                     ([[0], [1]], "1-d")):
+    with pytest.raises(ValueError, match=match):
+      data.check_labels(np.asarray(bad), num_classes=3)
 
 
 def test_digits_is_embedded(digits):

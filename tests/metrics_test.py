@@ -87,3 +87,28 @@ def test_ensemble_combinations_against_loops():
   np.testing.assert_allclose(cum[1], (sm(logits[0]) + sm(logits[1])) / 2, rtol=1e-5)
   with pytest.raises(ValueError, match="\\(K, B, C\\)"):
     ensemble.average_probs(logits[0])
+
+
+def test_inputs_are_checked_at_the_door():
+  p, y = _probs(3, b=20, c=3)
+  logits = np.log(p)
+  with pytest.raises(ValueError, match="look like logits"):
+    metrics.nll(logits, y)
+  with pytest.raises(ValueError, match="look like logits"):
+    metrics.ece(p * 4.0, y)
+  for bad, match in (([-1] + [0] * 19, r"found \[-1\]"), ([7] + [0] * 19, r"\[0, 3\); found \[7\]"),
+                     ([0.5] + [0] * 19, "integer classes")):
+    with pytest.raises(ValueError, match=match):
+      metrics.accuracy(p, np.asarray(bad))
+  nan = p.copy()
+  nan[4] = np.nan
+  with pytest.raises(ValueError, match=r"NaN or inf in row\(s\) \[4\]"):
+    metrics.accuracy(nan, y)
+  lg = np.stack([logits, logits])
+  with pytest.raises(ValueError, match="non-negative"):
+    ensemble.average_probs(lg, [2.0, -1.0])
+  with pytest.raises(ValueError, match=r"shape \(2,\), got \(3,\)"):
+    ensemble.average_probs(lg, [1.0, 1.0, 1.0])
+  with pytest.raises(ValueError, match=r"Member\(s\) \[1\] of 2 have NaN"):
+    ensemble.average_probs(np.stack([logits, np.full_like(logits, np.nan)]))
+  np.testing.assert_allclose(ensemble.average_probs(lg, [3.0, 1.0]), p, rtol=1e-5)
