@@ -30,6 +30,21 @@ def _cnn():
   return model, variables, x
 
 
+def _bn_mlp():
+  model = models.MLP(widths=(16, 12, 8), num_classes=5, batch_norm=True)
+  x = jax.random.normal(jax.random.key(1), (7, 4, 5))
+  v = jax.jit(model.init)(jax.random.key(0), x)
+  # random running statistics and BatchNorm params (centred so that ReLUs stay alive in
+  # eval mode), so that forgetting to permute any of them would change the logits
+  rng = np.random.default_rng(0)
+  noise = lambda v, s: v + s * jnp.asarray(rng.normal(size=v.shape), v.dtype)
+  stats = {n: {"mean": noise(s["mean"], 0.3), "var": s["var"] * jnp.asarray(
+      rng.uniform(0.5, 1.5, s["var"].shape), jnp.float32)} for n, s in v["batch_stats"].items()}
+  params = {n: jax.tree.map(lambda a: noise(a, 0.3), p) if n.startswith("bn") else p
+            for n, p in v["params"].items()}
+  return model, {"params": params, "batch_stats": stats}, x
+
+
 def test_mlp_spec_from_structure():
   _, v, _ = _mlp()
   spec = align.mlp_permutation_spec(v)
@@ -43,19 +58,16 @@ def test_mlp_spec_from_structure():
     align.mlp_permutation_spec({"params": {"conv0_0": {"kernel": jnp.ones((3, 3, 1, 2))}}})
 
 
-@pytest.mark.parametrize("make,spec_fn", [(_mlp, align.mlp_permutation_spec),
-                                          (_cnn, align.cnn_permutation_spec)])
-def test_permuted_network_computes_the_same_function(make, spec_fn):
-  model, v, x = make()
-  spec = spec_fn(v)
-  perm = align.random_permutation(3, spec, v)
-  assert any((p != np.arange(len(p))).any() for p in perm.values())
+def _assert_same_function(model, spec, v, x, perm):
+  """The permuted variables compute the same logits (eval mode and, with BatchNorm,
+  train mode, whose updated running statistics are the permuted ones)."""
   pv = align.apply_permutation(spec, perm, v)
   # the weights really moved ...
   assert not np.allclose(pv["params"]["head"]["kernel"], v["params"]["head"]["kernel"])
   # ... but the function did not
   apply = jax.jit(model.apply)
   out, pout = apply(v, x), apply(pv, x)
+  assert np.std(np.asarray(out.logits), axis=0).min() > 1e-3  # not a constant function
   np.testing.assert_allclose(pout.logits, out.logits, rtol=1e-5, atol=1e-5)
   if "batch_stats" in v:  # train mode: batch statistics and their running averages
     train_apply = jax.jit(lambda t: model.apply(t, x, train=True, mutable=["batch_stats"]))
@@ -63,12 +75,35 @@ def test_permuted_network_computes_the_same_function(make, spec_fn):
     np.testing.assert_allclose(o2.logits, o1.logits, rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(align.apply_permutation(spec, perm, s1), s2,
                                 rtol=1e-5, atol=1e-6)
+  return pv
+
+
+@pytest.mark.parametrize("make,spec_fn", [(_mlp, align.mlp_permutation_spec),
+                                          (_bn_mlp, align.mlp_permutation_spec),
+                                          (_cnn, align.cnn_permutation_spec)])
+def test_permuted_network_computes_the_same_function(make, spec_fn):
+  model, v, x = make()
+  spec = spec_fn(v)
+  perm = align.random_permutation(3, spec, v)
+  assert any((p != np.arange(len(p))).any() for p in perm.values())
+  _assert_same_function(model, spec, v, x, perm)
+  if make is _cnn:
     assert "batch_stats/bn1_1/mean" in spec.axes_to_perm
     # the CNN's head follows a flatten of (3, 3, 6): viewed as (9, 6, classes)
     assert spec.views["params/head/kernel"] == (9, 6, 4)
 
 
+def test_bn_mlp_spec_permutes_batchnorm():
+  _, v, _ = _bn_mlp()
+  spec = align.mlp_permutation_spec(v)
+  for i in range(3):
+    for leaf in ("params/bn_{i}/scale", "params/bn_{i}/bias", "batch_stats/bn_{i}/mean",
+                 "batch_stats/bn_{i}/var"):
+      assert spec.axes_to_perm[leaf.format(i=i)] == (f"P_Dense_{i}",)
+
+
 @pytest.mark.parametrize("make,spec_fn", [(_mlp, align.mlp_permutation_spec),
+                                          (_bn_mlp, align.mlp_permutation_spec),
                                           (_cnn, align.cnn_permutation_spec)])
 def test_weight_matching_recovers_a_known_permutation(make, spec_fn):
   _, v, _ = make()
