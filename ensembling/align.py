@@ -430,7 +430,7 @@ class MergeManyResult(NamedTuple):
 def merge_many(key, spec: PermutationSpec, models: PyTree | Sequence[PyTree], *,
                max_iter: int = 100, matching_max_iter: int = 100,
                include: Callable[[str], bool] = _matchable) -> MergeManyResult:
-  """MergeMany (Ainsworth et al. 2023, "Git Re-Basin", Sec. 4 / Algorithm 3).
+  """MergeMany (Ainsworth et al. 2023, "Git Re-Basin"): align K models to each other.
 
   Aligns K >= 2 models to a common permutation: in each round, every model in a random
   order is weight-matched to the mean of the other K - 1 (already permuted) models and
