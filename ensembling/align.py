@@ -9,12 +9,19 @@ permuting the units of one to match the other they often are (Ainsworth et al. 2
   named by their "a/b/c" paths in the tree you pass (Flax variables
   `{"params": ..., "batch_stats": ...}` or bare params). `chain_spec` derives it
   from a chain of layers (kernel `(..., in, out)`, bias, and the normalisation layer
-  after it); `mlp_permutation_spec` and `cnn_permutation_spec` read the layer names
-  of our `MLP` and `CNN` from the tree.
+  after it); `mlp_permutation_spec`, `cnn_permutation_spec` and
+  `resnet_permutation_spec` read the layer names of our `MLP` (with or without
+  BatchNorm), `CNN` and `ResNet` from the tree.
 - `weight_matching(key, spec, params_a, params_b, max_iter=)` finds permutations of
   `params_b` that maximise the inner product with `params_a`, one permutation at a
   time with `scipy.optimize.linear_sum_assignment`, in random order, until no
   permutation changes.
+- `activation_matching(spec, acts_a, acts_b)` matches the units of each permutation by
+  the correlation of their activations on the same data (`collect_activations`,
+  `mlp_activations` gather them).
+- `merge_many(key, spec, models, max_iter=)` (MergeMany) aligns K models to each other:
+  each in turn is weight-matched to the mean of the others, until a full round changes
+  no permutation.
 - `apply_permutation(spec, perm, tree)` permutes every leaf the spec names, BatchNorm
   running statistics included (`batch_stats/...` leaves of the same module).
 - `interpolation_curve` / `barrier` measure the loss or accuracy barrier along
@@ -23,8 +30,9 @@ permuting the units of one to match the other they often are (Ainsworth et al. 2
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -138,12 +146,28 @@ def _numbered(mods, pattern: str) -> list[str]:
 
 
 def mlp_permutation_spec(tree: PyTree) -> PermutationSpec:
-  """The spec of `models.MLP` (layers Dense_0, Dense_1, ..., head), read from `tree`."""
+  """The spec of `models.MLP` (layers Dense_0, Dense_1, ..., head), read from `tree`.
+
+  With `batch_norm=True` each `bn_i` (scale and bias in params, running mean and var in
+  batch_stats) is permuted with the outputs of `Dense_i`; weight matching then matches
+  the BatchNorm scale and bias too (the running statistics are permuted, not matched).
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> v = models.MLP(widths=(4,), num_classes=2, batch_norm=True).init(
+  ...     jax.random.key(0), jnp.ones((1, 3)))
+  >>> sorted(mlp_permutation_spec(v).perm_to_axes["P_Dense_0"])
+  ... # doctest: +NORMALIZE_WHITESPACE
+  [('batch_stats/bn_0/mean', 0), ('batch_stats/bn_0/var', 0), ('params/Dense_0/bias', 0),
+   ('params/Dense_0/kernel', 1), ('params/bn_0/bias', 0), ('params/bn_0/scale', 0),
+   ('params/head/kernel', 0)]
+  """
   mods = _modules(tree)
   dense = _numbered(mods, r"Dense_(\d+)")
   if not dense or "head" not in mods:
     raise ValueError(f"Not an MLP tree (need Dense_i and head); modules are {sorted(mods)}.")
-  return chain_spec(tree, dense + ["head"])
+  norms = {d: "bn_" + d[len("Dense_"):] for d in dense if "bn_" + d[len("Dense_"):] in mods}
+  return chain_spec(tree, dense + ["head"], norms=norms)
 
 
 def cnn_permutation_spec(tree: PyTree) -> PermutationSpec:
@@ -157,6 +181,90 @@ def cnn_permutation_spec(tree: PyTree) -> PermutationSpec:
     raise ValueError(f"Not a CNN tree (need conv{{s}}_{{j}} and head); modules are {sorted(mods)}.")
   norms = {c: "bn" + c[4:] for c in convs if "bn" + c[4:] in mods}
   return chain_spec(tree, convs + ["head"], norms=norms)
+
+
+_RESNET_BLOCK = re.compile(r"stage(\d+)_block(\d+)")
+_RESNET_BLOCK_MODULES = {"conv1", "bn1", "conv2", "bn2", "proj", "bn_proj"}
+
+
+def resnet_permutation_spec(tree: PyTree) -> PermutationSpec:
+  """The spec of `models.ResNet`, read from `tree` (any depth and width multiplier).
+
+  A residual stream adds a block's input to its output, so every layer that writes to
+  one stream must share its permutation: the stem and `bn_stem` and, in every block of
+  stage 0, `conv2`/`bn2` write to `P_res0`; a block with a projection shortcut (the
+  first block of each later stage) starts a new stream `P_res<s>`, written by its
+  `conv2`/`bn2` and `proj`/`bn_proj` and by `conv2`/`bn2` of the stage's other blocks;
+  each block reads its input stream in `conv1` (and `proj`). Inside a block, the
+  outputs of `conv1`/`bn1` have their own permutation `P_stage<s>_block<b>_inner`. The
+  head reads the last stream (global average pooling and ReLU act per channel). This
+  is the structure of the Git Re-Basin authors' ResNet-20 spec.
+
+  Args:
+    tree: Flax variables (`{"params", "batch_stats"}`) or bare params of a `ResNet`.
+
+  Returns:
+    A `PermutationSpec` (BatchNorm running statistics included).
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> v = models.ResNet(blocks_per_stage=1, widths=(2, 4)).init(
+  ...     jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+  >>> sorted(resnet_permutation_spec(v).perm_to_axes)
+  ['P_res0', 'P_res1', 'P_stage0_block0_inner', 'P_stage1_block0_inner']
+  """
+  top: dict[str, list[str]] = {}
+  blocks: dict[tuple[int, int], dict[str, list[str]]] = {}
+  for path, _ in tree_lib.named_leaves(tree):
+    parts = path.split("/")
+    at = next((i for i, q in enumerate(parts) if _RESNET_BLOCK.fullmatch(q)), None)
+    if at is not None and at + 2 < len(parts):
+      sb = tuple(int(g) for g in _RESNET_BLOCK.fullmatch(parts[at]).groups())
+      module = parts[at + 1]
+      if module not in _RESNET_BLOCK_MODULES:
+        raise ValueError(f"Unexpected module {module!r} in ResNet block {parts[at]!r} "
+                         f"('{path}').")
+      blocks.setdefault(sb, {}).setdefault(module, []).append(path)
+    elif len(parts) >= 2:
+      top.setdefault(parts[-2], []).append(path)
+  if not blocks or not {"stem", "bn_stem", "head"} <= set(top):
+    raise ValueError("Not a ResNet tree (need stem, bn_stem, stage<s>_block<b>, head); "
+                     f"top-level modules are {sorted(top)}.")
+  extra = sorted(set(top) - {"stem", "bn_stem", "head"})
+  if extra:
+    raise ValueError(f"Unexpected ResNet modules {extra}.")
+  axes: dict[str, tuple] = {}
+
+  def conv(paths, p_in, p_out):
+    for path in paths:
+      axes[path] = (None, None, p_in, p_out) if path.endswith("/kernel") else (p_out,)
+
+  def norm(paths, p):
+    for path in paths:
+      axes[path] = (p,)
+
+  stream = "P_res0"
+  conv(top["stem"], None, stream)
+  norm(top["bn_stem"], stream)
+  for (s, b) in sorted(blocks):
+    mods = blocks[(s, b)]
+    missing = sorted({"conv1", "bn1", "conv2", "bn2"} - set(mods))
+    if missing or ("proj" in mods) != ("bn_proj" in mods):
+      raise ValueError(f"ResNet block stage{s}_block{b} lacks {missing or ['proj/bn_proj']}.")
+    inner = f"P_stage{s}_block{b}_inner"
+    out = stream
+    if "proj" in mods:  # a projection shortcut starts a new residual stream
+      out = f"P_res{s}" if f"P_res{s}" != stream else f"P_res{s}_block{b}"
+      conv(mods["proj"], stream, out)
+      norm(mods["bn_proj"], out)
+    conv(mods["conv1"], stream, inner)
+    norm(mods["bn1"], inner)
+    conv(mods["conv2"], inner, out)
+    norm(mods["bn2"], out)
+    stream = out
+  for path in top["head"]:
+    axes[path] = (stream, None) if path.endswith("/kernel") else (None,)
+  return make_spec(axes)
 
 
 def perm_sizes(spec: PermutationSpec, tree: PyTree) -> dict[str, int]:
@@ -290,6 +398,226 @@ def align_to_reference(key, spec: PermutationSpec, reference: PyTree,
     perm = weight_matching(k, spec, reference, tree, max_iter=max_iter)
     out.append(apply_permutation(spec, perm, tree))
   return out
+
+
+def _compose(first: Permutation, then: Permutation) -> Permutation:
+  """The permutation equal to applying `first`, then `then`."""
+  return {p: np.asarray(first[p])[np.asarray(then[p])] for p in first}
+
+
+def _is_identity(perm: Permutation) -> bool:
+  return all(np.array_equal(v, np.arange(len(v))) for v in perm.values())
+
+
+class MergeManyResult(NamedTuple):
+  """What `merge_many` returns.
+
+  Attributes:
+    models: the input models, each permuted (`apply_permutation(spec, perms[i],
+      input_i)`), in input order.
+    mean: their plain average (the merged model).
+    perms: for each model, the permutation from the input to the aligned model.
+    rounds: the full rounds run.
+    converged: whether the last round changed no permutation.
+  """
+  models: list
+  mean: PyTree
+  perms: list
+  rounds: int
+  converged: bool
+
+
+def merge_many(key, spec: PermutationSpec, models: PyTree | Sequence[PyTree], *,
+               max_iter: int = 100, matching_max_iter: int = 100,
+               include: Callable[[str], bool] = _matchable) -> MergeManyResult:
+  """MergeMany (Ainsworth et al. 2023, "Git Re-Basin"): align K models to each other.
+
+  Aligns K >= 2 models to a common permutation: in each round, every model in a random
+  order is weight-matched to the mean of the other K - 1 (already permuted) models and
+  permuted accordingly; stops after a full round in which no permutation changed (or
+  after `max_iter` rounds).
+
+  Args:
+    key: a jax PRNG key or an int seed (visiting orders and weight-matching keys).
+    spec: the `PermutationSpec` of the models.
+    models: K pytrees (a list, or one stacked pytree, member axis first).
+    max_iter: the most rounds over all models.
+    matching_max_iter: `max_iter` of each `weight_matching`.
+    include: which leaves take part in the matching (see `weight_matching`).
+
+  Returns:
+    A `MergeManyResult` (aligned models, their mean, the permutations, rounds, converged).
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> v = models.MLP(widths=(5,), num_classes=2).init(jax.random.key(0), jnp.ones((1, 3)))
+  >>> spec = mlp_permutation_spec(v)
+  >>> copies = [apply_permutation(spec, random_permutation(i, spec, v), v) for i in range(3)]
+  >>> res = merge_many(0, spec, copies)
+  >>> res.converged, bool(jnp.allclose(res.models[0]["params"]["head"]["kernel"],
+  ...                                  res.models[2]["params"]["head"]["kernel"]))
+  (True, True)
+  """
+  models = list(models) if isinstance(models, (list, tuple)) else tree_lib.unstack(models)
+  if len(models) < 2:
+    raise ValueError(f"merge_many needs at least 2 models, got {len(models)}.")
+  tree_lib.check_same_structure(models, what="models")
+  k = len(models)
+  rng = np.random.default_rng(_seed_of(key))
+  aligned = list(models)
+  perms = [identity_permutation(spec, m) for m in models]
+  add = lambda a, b: jax.tree.map(lambda x, y: x + y, a, b)
+  rounds, converged = 0, False
+  while rounds < max_iter:
+    rounds += 1
+    changed = False
+    total = functools.reduce(add, aligned)  # recomputed per round: no drift
+    for i in rng.permutation(k):
+      others = jax.tree.map(lambda t, x: (t - x) / (k - 1), total, aligned[i])
+      q = weight_matching(int(rng.integers(2**31 - 1)), spec, others, aligned[i],
+                          max_iter=matching_max_iter, include=include)
+      if _is_identity(q):
+        continue
+      changed = True
+      new = apply_permutation(spec, q, aligned[i])
+      total = jax.tree.map(lambda t, x, y: t - x + y, total, aligned[i], new)
+      aligned[i] = new
+      perms[i] = _compose(perms[i], q)
+    if not changed:
+      converged = True
+      break
+  mean = jax.tree.map(lambda t: t / k, functools.reduce(add, aligned))
+  return MergeManyResult(aligned, mean, perms, rounds, converged)
+
+
+# --------------------------------------------------------------------------- activations
+
+def collect_activations(activations_fn: Callable[[PyTree, Any], Mapping[str, Any]],
+                        params: PyTree, batches: Iterable[Any]) -> dict[str, np.ndarray]:
+  """Runs `activations_fn` over batches; returns {name: (N, units)} numpy arrays.
+
+  Args:
+    activations_fn: `(params, x) -> {permutation name: activations (B, ..., units)}`;
+      leading axes (batch, and e.g. spatial positions of a convolution) become rows.
+      Traceable by `jax.jit`; e.g. `mlp_activations(model)`.
+    params: the model's variables (whatever `activations_fn` takes).
+    batches: an iterable of inputs x (or of (x, y) tuples; y is ignored).
+
+  Returns:
+    {permutation name: (rows, units) float32 array}, rows concatenated over batches.
+
+  >>> import numpy as np
+  >>> fn = lambda p, x: {"P": x * p}
+  >>> collect_activations(fn, 2.0, [np.ones((2, 3)), (np.ones((1, 3)), None)])["P"].shape
+  (3, 3)
+  """
+  fn = jax.jit(activations_fn)
+  parts: dict[str, list[np.ndarray]] = {}
+  for batch in batches:
+    x = batch[0] if isinstance(batch, tuple) else batch
+    for name, a in fn(params, x).items():
+      a = np.asarray(a, np.float32)
+      parts.setdefault(name, []).append(a.reshape(-1, a.shape[-1]))
+  if not parts:
+    raise ValueError("collect_activations got no batches (or activations_fn returned none).")
+  return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def mlp_activations(model, *, pre_activation: bool = False, **apply_kwargs
+                    ) -> Callable[[PyTree, Any], dict]:
+  """An `activations_fn` for `models.MLP`: each hidden layer's units, by permutation name.
+
+  Returns `fn(variables, x) -> {"P_Dense_i": (B, width_i)}` (the names of
+  `mlp_permutation_spec`): relu(bn_i(Dense_i(h))) per hidden layer (with or without
+  BatchNorm), or with `pre_activation` the Dense_i outputs (no units are dead there,
+  which can make ReLU activations of rarely active units tie). Captured with
+  `flax.linen.intercept_methods`; `variables` may also be the bare params.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> mlp = models.MLP(widths=(3, 2), num_classes=2)
+  >>> v = mlp.init(jax.random.key(0), jnp.ones((1, 4)))
+  >>> {k: a.shape for k, a in mlp_activations(mlp)(v, jnp.ones((5, 4))).items()}
+  {'P_Dense_0': (5, 3), 'P_Dense_1': (5, 2)}
+  """
+  import flax.linen as nn
+
+  def fn(tree, x):
+    variables = tree if isinstance(tree, Mapping) and "params" in tree else {"params": tree}
+    captured: dict[str, jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name == "__call__" and len(context.module.path) == 1:
+        captured[context.module.path[0]] = out
+      return out
+
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, x, **apply_kwargs)
+    out = {}
+    for m in _numbered(captured, r"Dense_(\d+)"):
+      i = m[len("Dense_"):]
+      h = captured[m]
+      if not pre_activation:
+        h = jax.nn.relu(captured.get(f"bn_{i}", h))
+      out[f"P_{m}"] = h
+    return out
+
+  return fn
+
+
+def activation_matching(spec: PermutationSpec, acts_a: Mapping[str, Any],
+                        acts_b: Mapping[str, Any], *, similarity: str = "correlation",
+                        eps: float = 1e-8) -> Permutation:
+  """Permutations of model b that match its units to model a's by their activations.
+
+  For each permutation P, with activations A, B (rows: the same examples in both
+  models; columns: P's units), the cost of matching unit i of a with unit j of b is
+  their Pearson correlation over the rows (`similarity="correlation"`, as in Git
+  Re-Basin's activation matching; a unit constant over the data correlates 0 with
+  everything) or the mean inner product E[a_i b_j] ("inner"); the matching is the
+  linear assignment maximising the total (`scipy.optimize.linear_sum_assignment`).
+  Permutations are solved independently (no coordinate descent is needed).
+
+  Args:
+    spec: the `PermutationSpec`; every permutation needs activations.
+    acts_a: {permutation name: (rows, units)} of the reference model (see
+      `collect_activations`).
+    acts_b: the same for the model to permute, on the same rows.
+    similarity: "correlation" or "inner".
+    eps: added to the standard deviations (correlation).
+
+  Returns:
+    {permutation name: int array}; `apply_permutation(spec, perm, params_b)` aligns b.
+
+  >>> import numpy as np
+  >>> spec = make_spec({"w": ("P",)})
+  >>> a = np.random.default_rng(0).normal(size=(50, 4))
+  >>> activation_matching(spec, {"P": a}, {"P": a[:, [2, 0, 3, 1]]})["P"].tolist()
+  [1, 3, 0, 2]
+  """
+  if similarity not in ("correlation", "inner"):
+    raise ValueError(f"Unknown similarity {similarity!r}; use 'correlation' or 'inner'.")
+  names = set(spec.perm_to_axes)
+  for which, acts in (("acts_a", acts_a), ("acts_b", acts_b)):
+    missing, extra = sorted(names - set(acts)), sorted(set(acts) - names)
+    if missing or extra:
+      raise ValueError(f"{which} must have one entry per permutation of the spec; "
+                       f"missing {missing}, not in the spec {extra}.")
+  perm = {}
+  for p in sorted(names):
+    a = np.asarray(acts_a[p], np.float64)
+    b = np.asarray(acts_b[p], np.float64)
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    if a.shape != b.shape:
+      raise ValueError(f"Activations for {p!r} have shapes {a.shape} (a) and {b.shape} (b).")
+    if similarity == "correlation":
+      a = (a - a.mean(0)) / (a.std(0) + eps)
+      b = (b - b.mean(0)) / (b.std(0) + eps)
+    cost = a.T @ b / len(a)
+    _, ci = linear_sum_assignment(cost, maximize=True)
+    perm[p] = ci
+  return perm
 
 
 # --------------------------------------------------------------------------- barriers
