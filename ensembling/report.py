@@ -113,6 +113,10 @@ def plot_curve(path: str, xs, ys_by_label: Mapping[str, Sequence[float]], *, xla
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for label, ys in ys_by_label.items():
     ax.plot(xs, ys, marker="o", label=label)
+  xs_arr = np.asarray(xs)
+  if xs_arr.size and np.issubdtype(xs_arr.dtype, np.integer):  # members, epochs: whole ticks
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   if title:
@@ -130,6 +134,8 @@ def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
   m = np.asarray(matrix)
   fig, ax = plt.subplots(figsize=(4.5, 4))
   im = ax.imshow(m, cmap="viridis")
+  ax.set_xticks(range(m.shape[1]))  # one tick per member, nothing between them
+  ax.set_yticks(range(m.shape[0]))
   for i in range(m.shape[0]):
     for j in range(m.shape[1]):
       ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
@@ -137,7 +143,8 @@ def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
   if labels is not None:
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
     ax.set_yticks(range(len(labels)), labels)
-  ax.set_title(title)
+  import textwrap
+  ax.set_title("\n".join(textwrap.wrap(title, 40)), fontsize=9)  # long titles wrap, not cut
   fig.colorbar(im, ax=ax)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

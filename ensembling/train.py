@@ -242,17 +242,23 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   if k is not None:
     state = members.shard_members(state)
 
+  initial_loss = None  # the loss of the very first step (before any update), per member
+
   def record(step, train_m, eval_m):
+    nonlocal initial_loss
     rows = range(k) if k is not None else [None]
     recs = []
     for m in rows:
       r = {"step": int(step)} if m is None else {"step": int(step), "member": m}
+      if initial_loss is not None:
+        r["train_initial_loss"] = float(initial_loss if m is None else initial_loss[m])
       if steps_per_epoch:
         r["epoch"] = step / steps_per_epoch
       pick = lambda v: float(np.asarray(v) if m is None or np.ndim(v) == 0 else np.asarray(v)[m])
       r.update({f"train_{n}": pick(v) for n, v in train_m.items()})
       r.update({(f"{eval_split}_{n}" if eval_split else n): pick(v) for n, v in eval_m.items()})
       recs.append(r)
+    initial_loss = None
     history.extend(recs)
     if metrics_path:
       with open(metrics_path, "a") as f:
@@ -284,6 +290,8 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
     loss = np.asarray(m["loss"])
     if not np.isfinite(loss).all():
       raise _non_finite(loss, batch, step, k, schedule, state, restored_from)
+    if step == 0:
+      initial_loss = loss
     window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
               "count": window["count"] + 1}
     if on_step is not None:
@@ -310,6 +318,46 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   if best_by and best is not None:
     state = best[1]
   return state, extra, history
+
+
+def divergence_warnings(history: list[dict], *, num_classes: int, num_examples: int,
+                        split: str = "val") -> list[str]:
+  """Members that diverged without a NaN: at chance accuracy, or above their initial loss.
+
+  A member is at chance when its last `<split>_accuracy` (else `train_accuracy`) is below
+  1/C + 3 standard errors of a chance classifier on `num_examples` examples; its loss
+  rose when its last `train_loss` exceeds `train_initial_loss` (the loss of step 0,
+  before any update). Each finding is logged as a warning and returned as a sentence.
+
+  Args:
+    history: `fit` records (one per member and evaluation).
+    num_classes: C.
+    num_examples: examples behind the accuracy (the eval split's size).
+    split: the eval records' prefix.
+
+  Returns:
+    One message per diverged member (empty when all is well).
+  """
+  chance = 1.0 / num_classes
+  bar = chance + 3.0 * np.sqrt(chance * (1 - chance) / max(int(num_examples), 1))
+  out = []
+  by_member: dict = {}
+  for r in history:
+    by_member.setdefault(r.get("member"), []).append(r)
+  for member, recs in sorted(by_member.items(), key=lambda kv: (kv[0] is None, kv[0])):
+    who = "the model" if member is None else f"member {member}"
+    last = max(recs, key=lambda r: r["step"])
+    acc_key = f"{split}_accuracy" if f"{split}_accuracy" in last else "train_accuracy"
+    first = next((r for r in recs if "train_initial_loss" in r), None)
+    if acc_key in last and last[acc_key] < bar:
+      out.append(f"{who} ended at chance accuracy ({acc_key} {last[acc_key]:.4f}, chance "
+                 f"{chance:.4f}): it diverged or never learned.")
+    if first is not None and "train_loss" in last and last["train_loss"] > first["train_initial_loss"]:
+      out.append(f"{who} ended above its initial loss (train_loss {last['train_loss']:.4f} > "
+                 f"{first['train_initial_loss']:.4f} at step 0): training diverged.")
+  for msg in out:
+    log.warning(msg)
+  return out
 
 
 # --------------------------------------------------------------------------- deep ensembles

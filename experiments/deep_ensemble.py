@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from ensembling import configlib, members, report
+from ensembling import configlib, members, report, train
 
 
 def run(config, workdir: str):
@@ -16,10 +16,14 @@ def run(config, workdir: str):
   rep = report.ensemble_report(predict(splits.x_test), splits.y_test,
                                val_logits=predict(splits.x_val) if len(splits.y_val) else None,
                                val_labels=splits.y_val)
-  rep.update(data=splits.describe(), strategy=res.strategy)
+  diverged = train.divergence_warnings(
+      res.history, num_classes=splits.num_classes,
+      num_examples=len(splits.y_val) or config.batch_size, split="val")
+  rep.update(data=splits.describe(), strategy=res.strategy, diverged=diverged)
   markdown = (f"# Deep ensemble: {k} x {config.model.name} on {splits.name} (test split)\n\n"
               + report.markdown_table(report.ensemble_rows(rep))
-              + f"\nMean pairwise disagreement: {rep['mean_disagreement']:.4f}\n")
+              + f"\nMean pairwise disagreement: {rep['mean_disagreement']:.4f}\n"
+              + "".join(f"\n**Warning:** {m}\n" for m in diverged))
   report.plot_curve(os.path.join(workdir, "accuracy_vs_members.png"), np.arange(1, k + 1),
                     {"prob. average": rep["accuracy_vs_members"]}, xlabel="members",
                     ylabel="test accuracy")

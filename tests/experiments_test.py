@@ -1,33 +1,32 @@
-"""Smoke tests: each core config at its smallest runs end to end and writes its outputs."""
+"""Smoke tests of the launcher: the main job at its smallest, resumption, bad configs."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO
 from configs import deep_ensemble, default
 from experiments import main
 
 
-def test_default_config_runlocal_writes_everything(tmp_path):
+def test_default_config_runlocal_writes_everything_and_resumes(tmp_path):
   config = default.get_config("runlocal")
-  config.progress = False
   rep = main.run_experiment(config, str(tmp_path))
-  for f in ("config.json", "metrics.jsonl", "results.md", "results.json",
+  for f in ("config.json", "run.json", "metrics.jsonl", "results.md", "results.json",
             "accuracy_vs_members.png", "disagreement.png"):
     assert os.path.exists(tmp_path / f), f
-  with open(tmp_path / "results.json") as f:
-    saved = json.load(f)
+  saved = json.load(open(tmp_path / "results.json"))
   assert len(saved["members"]) == config.members
-  assert set(saved["ensemble"]) == {"accuracy", "nll", "ece", "brier"}
-  assert 0.5 < saved["ensemble"]["accuracy"] <= 1.0  # digits learn fast even in 2 epochs
-  with open(tmp_path / "metrics.jsonl") as f:
-    recs = [json.loads(l) for l in f]
+  assert saved["best_member"]["selected_on"] == "validation"
+  recs = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
   assert {r["member"] for r in recs} == set(range(config.members))
   assert "val_accuracy" in recs[-1] and "train_loss" in recs[-1]
   # Rerunning the same command resumes from the final checkpoint: identical numbers.
   rep2 = main.run_experiment(config, str(tmp_path))
-  assert rep2["ensemble"] == rep["ensemble"]
+  assert rep2["ensemble"] == rep["ensemble"] and rep2["members"] == rep["members"]
 
 
 def test_deep_ensemble_presets_and_errors():
@@ -46,8 +45,46 @@ def test_unknown_experiment_is_named(tmp_path):
     main.run_experiment(config, str(tmp_path))
 
 
-def test_unknown_model_option_is_named(tmp_path):
+def test_invalid_configs_are_refused_before_the_workdir_exists(tmp_path):
   config = default.get_config("runlocal")
   config.model.name = "cnn"  # the MLP's widths/dropout don't fit the CNN
-  with pytest.raises(ValueError, match="Unknown option"):
-    main.run_experiment(config, str(tmp_path))
+  config.members = 0
+  config.optim.learning_rate = -0.1
+  with pytest.raises(ValueError, match=r"members must be(.|\n)*learning_rate must be a number "
+                                       r"> 0(.|\n)*Unknown option\(s\) \['dropout', 'widths'\]"):
+    main.run_experiment(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+
+
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "experiments.main", *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_command_line_errors_are_one_line_with_suggestions(tmp_path):
+  res = _cli("--config=configs/default.py:runlocal", f"--workdir={tmp_path}/w",
+             "--config.memberz=3")
+  assert res.returncode == 2
+  assert res.stderr.strip() == "error: Unknown config field 'memberz'; did you mean 'members'?"
+  res = _cli("--config=configs/default.py:runlocal", f"--workdir={tmp_path}/w",
+             "--config.data.name=digitz")
+  assert res.returncode == 1 and "did you mean 'digits'?" in res.stderr
+  assert len(res.stderr.strip().splitlines()) <= 3 and "Traceback" not in res.stderr
+
+
+def test_per_member_lists_from_the_command_line(tmp_path):
+  res = _cli("--config=configs/default.py:runlocal", f"--workdir={tmp_path}/w",
+             "--config.optim.lr_scale=1.0,0.5,0.25", "--config.optim.weight_decay=[0,1e-4,1e-3]")
+  assert res.returncode == 0, res.stderr[-2000:]
+  saved = json.load(open(tmp_path / "w" / "config.json"))
+  assert saved["optim"]["lr_scale"] == [1.0, 0.5, 0.25]
+  assert saved["optim"]["weight_decay"] == [0.0, 1e-4, 1e-3]
+
+
+def test_list_shows_every_config_with_its_args():
+  res = _cli("--list")
+  assert res.returncode == 0
+  for name in os.listdir(os.path.join(REPO, "configs")):
+    if name.endswith(".py"):
+      assert f"configs/{name}" in res.stdout
+  assert ":args  preset='digits', arch='mlp', members=8" in res.stdout
