@@ -8,8 +8,9 @@
 Prints one JSON object per (prng_impl, members, strategy) with the median step time in
 seconds (strategy: members.over_members; "loop" = one jitted member step per member).
 
-The PRNG is chosen per key (`jax.random.key(seed, impl=...)`), which is what
-`config.prng_impl` does globally inside `experiments.simcse_sts.run`.
+The PRNG is chosen per key (`jax.random.key(seed, impl=...)`), as `config.prng_impl`
+chooses it for the dropout keys of `experiments/simcse_sts.py` (`text.fit_simcse(key=...)`);
+nothing global (`jax_default_prng_impl`) is changed.
 """
 
 import argparse
@@ -27,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from ensembling import losses, members, text  # noqa: E402
+from ensembling import losses, members, optim, text  # noqa: E402
 from ensembling.models import bert  # noqa: E402
 
 
@@ -83,12 +84,15 @@ def main():
   ids = rng.integers(1000 % cfg.vocab_size, cfg.vocab_size, (a.batch_size, a.max_length),
                      dtype=np.int32)
   ids[:, 0] = 1
-  tx, mask = text.frozen_optimizer(optax.adamw(1e-5), params["params"],
-                                   [t for t in a.trainable.split(",") if t])
+  patterns = [t for t in a.trainable.split(",") if t]
+  tx, mask = optax.adamw(1e-5), None
+  if patterns:  # frozen leaves: zero updates, no optimizer state, no gradient work
+    mask = optim.trainable_mask(params["params"], patterns)
+    tx = optim.freeze(tx, params["params"], trainable=mask)
   for k, strategy in [(int(k), s) for k in a.members.split(",") for s in a.strategies.split(",")]:
     state = members.init_states(jax.tree.map(lambda x: jnp.stack([x] * k), params), tx)
     batch = {"a": jnp.asarray(np.stack([ids] * k)), "b": jnp.asarray(np.stack([ids] * k))}
-    step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k, strategy=strategy,
+    step = members.ensemble_step(model=model, tx=tx, num_members=k, strategy=strategy,
                                  step_fn=functools.partial(text.simcse_step, trainable=mask),
                                  loss_fn=functools.partial(losses.info_nce, temperature=0.05))
     for impl in a.impls.split(","):

@@ -26,7 +26,8 @@ def get_config(arg=None):
   c.seed = 0
   c.members = 3                   # K encoders per augmentation, trained vmapped in one run
   c.members_strategy = "vmap"     # vmap | unroll | map | loop (members.over_members)
-  c.prng_impl = "threefry2x32"    # dropout PRNG: threefry2x32 | rbg | unsafe_rbg (set in run())
+  c.prng_impl = "threefry2x32"    # dropout keys' PRNG: threefry2x32 | rbg | unsafe_rbg
+                                  # (jax.random.key(seed, impl=...); nothing global changes)
   c.model = ml_collections.ConfigDict(dict(
       path="minilm",              # a Hugging Face BERT folder, "minilm" (installed package)
                                   # or "tiny_random" (written into the workdir)
@@ -43,7 +44,7 @@ def get_config(arg=None):
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", learning_rate=3e-5, weight_decay=0.0, warmup_steps=0))
   c.eval = ml_collections.ConfigDict(dict(
-      data_root="../shared/data",
+      data_root=configlib.SHARED_DATA,  # holds sts12-16/, stsb/ and sick/
       tasks=("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICKRelatedness"),
       max_pairs_per_task=400,     # 0: all pairs; else a fixed random subsample (stratified)
       select_pairs=400,           # STS-B dev pairs used to pick the best encoder (0: all)

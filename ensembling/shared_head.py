@@ -25,27 +25,38 @@ Freezing is `optim.freeze` (one `optax.partition` over parameter paths); frozen 
 get zero updates and carry no optimizer state, so they stay bit-identical. Training runs
 in `train.fit`; the adapter is the library's linear layer (`models.linear`).
 
-Example (text or image features computed once by a frozen encoder)::
+Two levels of API: the pieces (`init_aligned`, `fit_aligned`, `embed`, `combine`,
+`classify`, `evaluate_space`) for any encoder, and, for trained ArcFace models
+(`models.with_arcface`), `align_model` (one model into a given head) and `align_group`
+(seed 000's whole recipe: select, align, evaluate the naive and aligned averages).
 
-    head = {"centers": best_centers}                     # (C, D), from the best model
-    params = init_aligned(key, encoder={}, in_dim=feats.shape[1], head=head)
-    params, losses = fit_aligned(params, feats_train, y_train, tx=optax.adam(1e-3),
-                                 trainable=ADAPTER_ONLY, num_steps=1000, batch_size=128)
-    emb = shared_embeddings(params, feats_test)          # (N, D) in the shared space
-    combined = combine([emb, emb_other, ...])            # mean of normalised embeddings
-    cos = classify(combined, head)                       # (N, C) cosines
+Example (features computed once by a frozen encoder; a new adapter into the shared space):
+
+>>> import jax, numpy as np, optax
+>>> rng = np.random.default_rng(0)
+>>> feats, y = rng.normal(size=(64, 6)).astype(np.float32), rng.integers(0, 3, 64)
+>>> head = {"centers": rng.normal(size=(3, 4)).astype(np.float32)}  # the best model's
+>>> params = init_aligned(jax.random.key(0), encoder={}, in_dim=6, head=head)
+>>> params, loss = fit_aligned(params, feats, y, tx=optax.adam(1e-2),
+...                            trainable=ADAPTER_ONLY, num_steps=4, batch_size=16)
+>>> emb = embed(params, feats)                      # (N, D) in the shared space
+>>> cos = classify(combine([emb, emb]), head)       # mean of normalised embeddings
+>>> emb.shape, cos.shape, loss.shape
+((64, 4), (64, 3), (4,))
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import logging
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import losses, optim, train
+from ensembling import losses, metrics, optim, schedules, train
 from ensembling import tree as tree_lib
 from ensembling.losses import l2_normalize
 from ensembling.models.contract import as_model
@@ -53,14 +64,27 @@ from ensembling.models.linear import apply_linear, init_linear
 
 PyTree = Any
 EncodeFn = Callable[..., jax.Array]
+log = logging.getLogger(__name__)
 
 ADAPTER_ONLY = ("^adapter/",)
 FINETUNE = ("^encoder/", "^adapter/")
 ADAPTER_METHODS = ("lstsq", "procrustes", "info_nce")  # closed-form / label-free fits
+ALIGN_METHODS = ("arcface", "procrustes", "lstsq")     # align_group: trained / closed form
 
 
 def select_best(scores: Sequence[float], *, higher_is_better: bool = True) -> int:
-  """Index of the best model on a validation metric (first one on ties)."""
+  """Index of the best model on a validation metric (first one on ties).
+
+  Args:
+    scores: one finite score per model.
+    higher_is_better: False for losses.
+
+  Returns:
+    The index of the best score.
+
+  >>> select_best([0.2, 0.7, 0.7]), select_best([0.2, 0.7, 0.1], higher_is_better=False)
+  (1, 2)
+  """
   s = np.asarray(scores, np.float64)
   if s.ndim != 1 or s.size == 0:
     raise ValueError(f"Expected a non-empty list of scores, got shape {s.shape}.")
@@ -103,7 +127,18 @@ def classify(embeddings_BxD, head: PyTree) -> jax.Array:
 
 
 def combine(embeddings_KxBxD) -> jax.Array:
-  """The combined representation: mean over models of the L2-normalised embeddings."""
+  """The combined representation: mean over models of the L2-normalised embeddings.
+
+  Args:
+    embeddings_KxBxD: K models' embeddings of the same B inputs (an array or a list).
+
+  Returns:
+    (B, D); K identical embeddings combine to their normalised value.
+
+  >>> import numpy as np
+  >>> combine([np.array([[3.0, 4.0]]), np.array([[6.0, 8.0]])]).tolist()
+  [[0.6000000238418579, 0.800000011920929]]
+  """
   e = jnp.asarray(embeddings_KxBxD) if not isinstance(embeddings_KxBxD, (list, tuple)) \
       else jnp.stack([jnp.asarray(a) for a in embeddings_KxBxD])
   if e.ndim != 3:
@@ -130,6 +165,10 @@ def head_span_parts(embeddings_NxD, head: PyTree, *, rtol: float = 1e-6
     (inside, outside), both (N, D) float64, with inside + outside = the normalised
     embeddings, inside in the span of the centres and outside orthogonal to it;
     `(inside ** 2).sum(1)` is the fraction of each embedding's squared norm in the span.
+
+  >>> inside, outside = head_span_parts(np.array([[3.0, 4.0]]), {"centers": np.eye(2)[:1]})
+  >>> inside.tolist(), outside.tolist()
+  ([[0.6, 0.0]], [[0.0, 0.8]])
   """
   e = l2_normalize(np.asarray(embeddings_NxD))
   centers = np.asarray(head["centers"], np.float64)
@@ -198,7 +237,17 @@ def encoder_for(model, variables: PyTree, *, mode: str, adapter_input: str = "fe
       (the model's own embedding, seed 000's f_i).
 
   Returns:
-    (encoder params, encode_fn, needs_adapter, trainable patterns).
+    (encoder params, encode_fn, needs_adapter, trainable patterns): the tree and
+    function `init_aligned` / `fit_aligned` take, whether a new adapter is needed, and
+    the regexes of the trained leaves.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> m = models.with_arcface(models.MLP(widths=(8,)), num_classes=3, embedding_dim=4)
+  >>> v = m.init(jax.random.key(0), jnp.ones((1, 5)))
+  >>> enc, fn, needs_adapter, trainable = encoder_for(m, v, mode="adapter")
+  >>> fn(enc, jnp.ones((2, 5)), train=False, key=None).shape, needs_adapter, trainable
+  ((2, 8), True, ('^adapter/',))
   """
   if mode == "adapter" and adapter_input == "embedding":
     return variables, flax_encoder(model, train_mode=False), True, ADAPTER_ONLY
@@ -230,7 +279,6 @@ def span_diagnostic(emb: Mapping[str, np.ndarray], head: PyTree, y_test, y_index
     span of the head's centres (the part an ArcFace head constrains); mP@k of the
     retrieval with only the part inside / outside that span (None: nothing outside).
   """
-  from ensembling import metrics
   test, index = (head_span_parts(emb[w], head) for w in ("test", "index"))
   mp = lambda a, b: float(metrics.mean_precision_at_k(a, y_test, b, y_index, k=k))
   has_outside = float(np.abs(test[1]).max(initial=0.0)) > 1e-6
@@ -243,9 +291,19 @@ def flax_encoder(model, *, train_mode: bool = True) -> EncodeFn:
   """An `encode_fn` returning a model's features (any model of `models.as_model`).
 
   Args:
-    model: the encoder; its params are its full variables dict.
+    model: the encoder (a Linen module or its `.apply`, an NNX module, `(init, apply)`);
+      its params are its full variables dict.
     train_mode: run the model in training mode while training (dropout on). Set False
       for models with BatchNorm: their statistics are then used, not updated.
+
+  Returns:
+    `encode(variables, x, *, train, key) -> features (B, D)`.
+
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> net = nn.Dense(3)
+  >>> v = net.init(jax.random.key(0), jnp.ones((1, 5)))
+  >>> flax_encoder(net)(v, jnp.ones((2, 5)), train=False, key=None).shape  # Dense input
+  (2, 5)
   """
   m = as_model(model)
 
@@ -259,7 +317,17 @@ def flax_encoder(model, *, train_mode: bool = True) -> EncodeFn:
 
 def embed(params: PyTree, x, *, encode_fn: EncodeFn | None = None,
           batch_size: int = 1000) -> np.ndarray:
-  """`shared_embeddings` in inference mode over chunks of `x`: a NumPy (N, D) array."""
+  """`shared_embeddings` in inference mode over chunks of `x`.
+
+  Args:
+    params: {"encoder", "adapter", ...} (`init_aligned`).
+    x: inputs (N, ...), or features when `encode_fn` is None.
+    encode_fn: see `fit_aligned`.
+    batch_size: inputs per forward pass.
+
+  Returns:
+    A NumPy (N, D) array.
+  """
   fn = jax.jit(lambda p, xb: shared_embeddings(p, xb, encode_fn=encode_fn))
   return np.concatenate([np.asarray(fn(params, x[s:s + batch_size]))
                          for s in range(0, len(x), batch_size)])
@@ -267,8 +335,17 @@ def embed(params: PyTree, x, *, encode_fn: EncodeFn | None = None,
 
 def evaluate_space(query_emb, query_labels, index_emb, index_labels, head: PyTree | None, *,
                    k: int = 5) -> dict[str, float]:
-  """mP@k of retrieval (queries vs index) and, with a head, Acc@1 / Acc@5 through it."""
-  from ensembling import metrics
+  """mP@k of retrieval (queries vs index) and, with a head, Acc@1 / Acc@5 through it.
+
+  Args:
+    query_emb, query_labels: the queries' embeddings (any norm) and classes.
+    index_emb, index_labels: the searched set.
+    head: {"centers": (C, D)} to classify the queries with, or None (retrieval only).
+    k: the mP@k cut-off.
+
+  Returns:
+    {"mP@k": ...} and, with a head, "Acc@1" and "Acc@5" (top-min(5, C)).
+  """
   out = {f"mP@{k}": metrics.mean_precision_at_k(query_emb, query_labels, index_emb,
                                                  index_labels, k=k)}
   if head is not None:
@@ -276,6 +353,215 @@ def evaluate_space(query_emb, query_labels, index_emb, index_labels, head: PyTre
     out["Acc@1"] = metrics.top_k_accuracy(cos, query_labels, k=1)
     out["Acc@5"] = metrics.top_k_accuracy(cos, query_labels, k=min(5, cos.shape[1]))
   return out
+
+
+# --------------------------------------------------------------------------- trained ArcFace models
+
+def frozen_leaves_unchanged(before: PyTree, after: PyTree, *,
+                            trainable: str | Sequence[str] | PyTree) -> bool:
+  """Whether every leaf outside `trainable` has the same bytes in `before` and `after`.
+
+  Args:
+    before, after: two parameter trees of the same structure.
+    trainable: regexes over "a/b/c" paths or a tree of bools (`optim.trainable_mask`).
+
+  Returns:
+    True when all frozen leaves are bit-identical.
+
+  >>> p = {"adapter": {"w": np.ones(2)}, "head": {"centers": np.ones((2, 2))}}
+  >>> q = {"adapter": {"w": np.zeros(2)}, "head": {"centers": np.ones((2, 2))}}
+  >>> frozen_leaves_unchanged(p, q, trainable=ADAPTER_ONLY)
+  True
+  >>> frozen_leaves_unchanged(p, q, trainable="^head/")
+  False
+  """
+  tree_lib.check_same_structure([before, after], what="parameter trees")
+  mask = optim.trainable_mask(before, trainable)
+  return all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+             for t, a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(before),
+                                jax.tree.leaves(after)) if not t)
+
+
+class AlignedModel(NamedTuple):
+  """What `align_model` returns.
+
+  Attributes:
+    params: {"encoder", "adapter", "head"} after alignment (for `embed`).
+    encode_fn: the function `params["encoder"]` is applied with.
+    losses: the mean ArcFace loss of every step.
+    frozen_unchanged: every leaf outside the trained part kept its bytes.
+  """
+  params: PyTree
+  encode_fn: EncodeFn
+  losses: np.ndarray
+  frozen_unchanged: bool
+
+
+def align_model(model, variables: PyTree, x, y, *, head: PyTree, mode: str = "adapter",
+                adapter_input: str = "features", tx: optax.GradientTransformation,
+                num_steps: int, batch_size: int = 128, scale: float = 64.0,
+                margin: float = 0.5, seed: int = 0,
+                key: jax.Array | None = None) -> AlignedModel:
+  """Maps one trained ArcFace model into the space of a frozen `head` (`fit_aligned`).
+
+  Args:
+    model, variables: an `ArcFaceModel` and its variables.
+    x, y: the alignment data (the model's own inputs) and labels of the head's classes.
+    head: the shared head {"centers": (C, D)}, frozen.
+    mode, adapter_input: what is trained (`encoder_for`): "adapter" (a new linear layer
+      on the frozen model's "features" or "embedding") or "finetune" (backbone and
+      embedding layer).
+    tx: the optimizer of the trained part.
+    num_steps, batch_size: optimizer steps and examples per step.
+    scale, margin: ArcFace s and m.
+    seed: batch order (`train.make_batch_fn`).
+    key: initialises the adapter (default: `jax.random.key(seed)`).
+
+  Returns:
+    An `AlignedModel`; `embed(result.params, x, encode_fn=result.encode_fn)` gives the
+    aligned embeddings.
+  """
+  enc, encode_fn, needs_adapter, trainable = encoder_for(model, variables, mode=mode,
+                                                         adapter_input=adapter_input)
+  in_dim = None
+  if needs_adapter:
+    in_dim = int(np.shape(encode_fn(enc, x[:2], train=False, key=None))[1])
+  params = init_aligned(jax.random.key(seed) if key is None else key, encoder=enc,
+                        head=head, in_dim=in_dim)
+  before = jax.tree.map(np.array, params)
+  params, loss = fit_aligned(params, x, y, tx=tx, trainable=trainable, num_steps=num_steps,
+                             batch_size=batch_size, encode_fn=encode_fn, scale=scale,
+                             margin=margin, seed=seed)
+  return AlignedModel(params, encode_fn, loss,
+                      frozen_leaves_unchanged(before, params, trainable=trainable))
+
+
+def own_embeddings(model, variables: PyTree, inputs: Mapping[str, Any], *,
+                   batch_size: int = 1000) -> dict[str, np.ndarray]:
+  """A model's own embeddings (its features) of every input set, by role.
+
+  Args:
+    model, variables: a trained model (for an `ArcFaceModel`: its ArcFace embedding).
+    inputs: {role: inputs (N, ...)}; an array given under several roles is embedded once.
+    batch_size: inputs per forward pass.
+
+  Returns:
+    {role: NumPy (N, D)}.
+  """
+  params, fn = {"encoder": variables, "adapter": {}}, flax_encoder(model, train_mode=False)
+  done: dict[int, np.ndarray] = {}
+  for x in inputs.values():
+    if id(x) not in done:
+      done[id(x)] = embed(params, x, encode_fn=fn, batch_size=batch_size)
+  return {role: done[id(x)] for role, x in inputs.items()}
+
+
+def align_group(trained: Sequence[tuple[Any, PyTree]], inputs: Sequence[Mapping[str, Any]], *,
+                labels: Mapping[str, np.ndarray], names: Sequence[str] | None = None,
+                mode: str = "adapter", method: str = "arcface",
+                adapter_input: str = "features", k: int = 5,
+                classify_with_heads: bool = True, select: tuple[str, str] = ("val", "fit"),
+                optimizer: str = "adam", learning_rate: float = 1e-3, epochs: int = 1,
+                batch_size: int = 128, scale: float = 64.0, margin: float = 0.5,
+                seed: int = 0) -> dict[str, Any]:
+  """Seed 000's shared-head ensemble of trained ArcFace models, measured by retrieval.
+
+  The model with the best validation mP@k (retrieval of `select[0]` in `select[1]`)
+  lends its frozen head; every other model is mapped into that space (`align_model`, or
+  a closed-form label-free map of its "fit" embeddings onto the shared model's), and
+  the test queries are retrieved in the index with each model's own embeddings
+  ("traditional") and with the aligned ones ("ours"), one by one and averaged ("mean":
+  the mean of the L2-normalised embeddings, classified by the shared head).
+
+  Args:
+    trained: [(model, variables)] ArcFace models (`models.with_arcface`); they may
+      differ in architecture and input shape.
+    inputs: per model, its own inputs by role: "train" (alignment data), "test"
+      (queries), "index" (the retrieval index), "fit" (the closed-form maps' data) and
+      the roles named in `select`. The same array under two roles is embedded once.
+    labels: {role: integer labels} for the same roles.
+    names: one name per model (the keys of the rows; default "0", "1", ...).
+    mode, adapter_input: see `encoder_for`.
+    method: one of `ALIGN_METHODS`: "arcface" (train under the frozen head) or
+      "procrustes" | "lstsq" (`fit_linear_adapter`, no labels).
+    k: the mP@k cut-off.
+    classify_with_heads: also report Acc@1 / Acc@5 through the heads and the
+      probability average of the models' own heads (closed set); False when the test
+      classes are not the heads' (open set).
+    select: the (queries, index) roles of the selection retrieval.
+    optimizer, learning_rate: `optim.make_optimizer(name=optimizer)`, cosine decay from
+      `learning_rate` over the alignment (0 leaves every model where it was).
+    epochs, batch_size: alignment passes over "train" and examples per step.
+    scale, margin: ArcFace s and m.
+    seed: model i's adapter starts from `key(seed + 7 + i)`, its batches from `seed + i`.
+
+  Returns:
+    {"val_mP": per model, "best": its name, "rows": {"traditional" | "ours":
+    {name | "mean": metrics}}, "own_heads_prob_average": {"Acc@1", "Acc@5"} or None,
+    "head_span": `span_diagnostic` per model, "frozen_leaves_unchanged": per aligned
+    model (None for closed-form maps), "align_seconds"}.
+  """
+  if method not in ALIGN_METHODS:
+    raise ValueError(f"Unknown align method {method!r}; choose one of {ALIGN_METHODS}.")
+  if len(trained) != len(inputs) or not trained:
+    raise ValueError(f"Need inputs for every model: {len(trained)} models, {len(inputs)} "
+                     "input sets.")
+  names = [str(i) for i in range(len(trained))] if names is None else list(names)
+  own = [own_embeddings(m, v, {r: x for r, x in inp.items() if r != "train"})
+         for (m, v), inp in zip(trained, inputs)]
+  heads = [{"centers": v["params"]["head"]["centers"]} for _, v in trained]
+  span = [span_diagnostic(e, h, labels["test"], labels["index"], k=k)
+          for e, h in zip(own, heads)]
+  q, ix = select
+  val_mp = [evaluate_space(e[q], labels[q], e[ix], labels[ix], None, k=k)[f"mP@{k}"]
+            for e in own]
+  best = select_best(val_mp)
+  shared = heads[best]
+  log.info("validation mP@%d %s; best = %s", k, np.round(val_mp, 4), names[best])
+
+  t0 = time.time()
+  aligned, frozen_ok = [], []
+  for i, ((model, variables), inp) in enumerate(zip(trained, inputs)):
+    if i == best:
+      aligned.append(own[i])
+    elif method != "arcface":  # nothing is trained: no model parameter can move
+      adapter = fit_linear_adapter(own[i]["fit"], own[best]["fit"], method=method)
+      aligned.append({w: l2_normalize(np.asarray(apply_linear(adapter, l2_normalize(own[i][w]))))
+                      for w in ("test", "index")})
+      frozen_ok.append(None)
+    else:
+      steps = int(epochs) * (len(labels["train"]) // int(batch_size))
+      tx = optim.make_optimizer(name=optimizer,
+                                learning_rate=schedules.warmup_cosine(learning_rate, steps))
+      res = align_model(model, variables, inp["train"], labels["train"], head=shared,
+                        mode=mode, adapter_input=adapter_input, tx=tx, num_steps=steps,
+                        batch_size=batch_size, scale=scale, margin=margin, seed=seed + i,
+                        key=jax.random.key(seed + 7 + i))
+      frozen_ok.append(res.frozen_unchanged)
+      log.info("%s aligned: loss %.3f -> %.3f; frozen leaves unchanged: %s", names[i],
+               res.losses[:50].mean(), res.losses[-50:].mean(), res.frozen_unchanged)
+      aligned.append({w: embed(res.params, inp[w], encode_fn=res.encode_fn)
+                      for w in ("test", "index")})
+  t_align = time.time() - t0
+
+  def ev(emb, head):
+    return evaluate_space(emb["test"], labels["test"], emb["index"], labels["index"],
+                          head if classify_with_heads else None, k=k)
+
+  rows = {"traditional": {n: ev(e, h) for n, e, h in zip(names, own, heads)},
+          "ours": {n: ev(e, shared) for n, e in zip(names, aligned)}}
+  for kind, embs in (("traditional", own), ("ours", aligned)):
+    rows[kind]["mean"] = ev({w: combine([e[w] for e in embs]) for w in ("test", "index")},
+                            shared)
+  prob_avg = None
+  if classify_with_heads:  # for context: the usual classifier ensemble of the own heads
+    probs = np.mean([np.asarray(jax.nn.softmax(scale * classify(e["test"], h)))
+                     for e, h in zip(own, heads)], axis=0)
+    prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, labels["test"], k=1),
+                "Acc@5": metrics.top_k_accuracy(probs, labels["test"], k=5)}
+  return {"val_mP": val_mp, "best": names[best], "rows": rows,
+          "own_heads_prob_average": prob_avg, "head_span": span,
+          "frozen_leaves_unchanged": frozen_ok, "align_seconds": t_align}
 
 
 # --------------------------------------------------------------------------- label-free adapters
@@ -305,6 +591,13 @@ def fit_linear_adapter(source_NxD: np.ndarray, target_NxE: np.ndarray, *,
 
   Returns:
     {"kernel": (D, E), "bias": (E,)} float32, for `models.linear.apply_linear`.
+
+  >>> rng = np.random.default_rng(0)
+  >>> y = rng.normal(size=(50, 3))
+  >>> q, _ = np.linalg.qr(rng.normal(size=(3, 3)))       # a rotation
+  >>> a = fit_linear_adapter(y @ q.T, y, method="procrustes")
+  >>> bool(np.allclose(a["kernel"], q, atol=1e-5))
+  True
   """
   if method not in ADAPTER_METHODS:
     raise ValueError(f"Unknown adapter method {method!r}; choose one of {ADAPTER_METHODS}.")

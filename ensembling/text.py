@@ -1,34 +1,41 @@
-"""Sentence encoders: SimCSE training steps, augmentations, encoding, STS scoring, alignment.
+"""Sentence encoders: SimCSE training, augmentations, encoding, STS scoring, alignment.
 
 The pieces of seed 000's NLP experiment, as plain functions:
 
 - `simcse_step`: one member's contrastive step (two views of a batch in one forward pass,
-  `losses.info_nce` on the pooled features); `members.ensemble_step(step_fn=simcse_step,
-  loss_fn=partial(losses.info_nce, temperature=...))` runs K members vmapped.
+  `losses.info_nce` on the pooled features); `members.ensemble_step(model=...,
+  step_fn=simcse_step, loss_fn=partial(losses.info_nce, temperature=...))` runs K members
+  vmapped, and `fit_simcse` trains K members from one pretrained encoder with `train.fit`
+  (frozen leaves: `optim.freeze` with the same `optim.trainable_mask`).
 - `delete_words` / `make_simcse_batch_fn`: the two augmentations, "dropout" (the same
   sentence twice; only dropout differs) and "delete" (the second view loses random words;
   dropout still applies to both).
 - `encode_members`: embeddings of a list of sentences for K stacked members, batched by
   length so that short sentences are not padded to the maximum; frozen bottom layers
-  shared by all members run once.
+  shared by all members (`shared_layers`) run once.
 - `sts_spearman`: Spearman x 100 of cosine similarity against gold scores, per subset and
   over all subsets of a task concatenated ("all", the SimCSE setting).
 - `fit_linear_adapter` / `align_members` / `average_embeddings`: the naive ensemble (mean of
   normalised embeddings) and the aligned one (the best encoder's space is shared; every
   other encoder gets a linear layer, fitted on unlabelled sentences, that maps it there).
+
+Normalisation is `losses.l2_normalize` (float64 on NumPy inputs), linear maps
+`models.linear.apply_linear`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Sequence
+import time
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import data, losses, metrics
+from ensembling import data, losses, members, metrics, optim, train
+from ensembling import tree as tree_lib
 from ensembling.data.sts import STSPairs
 from ensembling.losses import l2_normalize
 from ensembling.models import bert
@@ -43,7 +50,20 @@ AUGMENTATIONS = ("dropout", "delete")
 # --------------------------------------------------------------------------- augmentations
 
 def delete_words(sentence: str, *, rate: float, rng: np.random.Generator) -> str:
-  """Drops each whitespace-separated word with probability `rate`; keeps at least one."""
+  """Drops each whitespace-separated word with probability `rate`; keeps at least one.
+
+  Args:
+    sentence: the text.
+    rate: deletion probability per word, in [0, 1).
+    rng: the NumPy generator drawing the deletions.
+
+  Returns:
+    The remaining words, in order, joined by single spaces.
+
+  >>> rng = np.random.default_rng(0)
+  >>> delete_words("a b c", rate=0.0, rng=rng), delete_words("word", rate=0.9, rng=rng)
+  ('a b c', 'word')
+  """
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"Word deletion rate must be in [0, 1), got {rate}.")
   words = sentence.split()
@@ -110,7 +130,7 @@ def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
       embeddings).
     tx: optax transformation.
     loss_fn: `(z1, z2) -> scalar`, e.g. `partial(losses.info_nce, temperature=0.05)`.
-    trainable: optional tree of bools like the params (`tree.path_mask`); False leaves
+    trainable: optional tree of bools like the params (`optim.trainable_mask`); False leaves
       are wrapped in `stop_gradient`, so no gradient work is done for them or for the
       layers below the lowest trainable one (pair it with `optim.freeze` on the same
       mask).
@@ -145,6 +165,109 @@ def simcse_step(state: dict, batch: Mapping[str, jax.Array], key: jax.Array, *,
                      "grad_norm": optax.tree.norm(grads)}
 
 
+def shared_layers(trainable_mask: PyTree | None, num_layers: int) -> int:
+  """How many bottom layers (with the embeddings) no member trains.
+
+  Members fine-tuned from one encoder with this mask share the embeddings and these
+  layers exactly, so `encode_members(shared_layers=...)` runs them once for all.
+
+  Args:
+    trainable_mask: a tree of bools over `Bert` params (`optim.trainable_mask`), or
+      None (everything trained).
+    num_layers: the encoder's layer count.
+
+  Returns:
+    0 when the embeddings are trained, else the index of the lowest trained layer
+    (`num_layers` when none is).
+
+  >>> mask = {"embeddings": {"w": False}, "layer_0": {"w": False}, "layer_1": {"w": True}}
+  >>> shared_layers(mask, 2), shared_layers(None, 2)
+  (1, 0)
+  """
+  if trainable_mask is None or any(jax.tree.leaves(trainable_mask["embeddings"])):
+    return 0
+  for i in range(num_layers):
+    if any(jax.tree.leaves(trainable_mask[f"layer_{i}"])):
+      return i
+  return num_layers
+
+
+class SimCSEResult(NamedTuple):
+  """What `fit_simcse` returns.
+
+  Attributes:
+    params_K: the members' params, stacked on axis 0.
+    trainable: the trainable mask (None: everything was trained).
+    history: the `train.fit` records (mean train metrics per member, every `log_every`).
+    seconds: wall time of the training loop.
+    strategy: the member-parallel strategy that ran.
+  """
+  params_K: PyTree
+  trainable: PyTree | None
+  history: list
+  seconds: float
+  strategy: str
+
+
+def fit_simcse(pretrained: PyTree, model, tokenizer, sentences: Sequence[str], *,
+               num_members: int, num_steps: int, batch_size: int, max_length: int,
+               tx: optax.GradientTransformation, trainable: Sequence[str] = (),
+               temperature: float = 0.05, augmentation: str = "dropout",
+               delete_rate: float = 0.1, seed: int = 0, key: jax.Array | None = None,
+               strategy: str = "auto", log_every: int = 0, progress: bool = False,
+               desc: str = "SimCSE") -> SimCSEResult:
+  """K SimCSE members fine-tuned from one pretrained encoder, in one member-parallel loop.
+
+  Every member starts from `pretrained` and has its own data order
+  (`make_simcse_batch_fn(seed=seed)`) and dropout keys (from `key`, whose PRNG
+  implementation they keep: `jax.random.key(seed, impl="rbg")` gives rbg dropout
+  masks). Leaves outside `trainable` are frozen: `optim.freeze` (zero updates, no
+  optimizer state) and a `stop_gradient` in `simcse_step`.
+
+  Args:
+    pretrained: the encoder's params (without the "params" key).
+    model: the encoder module (`bert.Bert`, or any model whose features are the
+      embeddings).
+    tokenizer: its tokenizer.
+    sentences: unlabelled training sentences.
+    num_members, num_steps, batch_size: K, steps per member, sentences per member-step.
+    max_length: truncation in tokens.
+    tx: the optimizer of the trained leaves.
+    trainable: regexes over param paths ("^layer_5/"); empty trains everything.
+    temperature: the InfoNCE temperature.
+    augmentation, delete_rate: see `make_simcse_batch_fn`.
+    seed: the data order (and the deletions).
+    key: the dropout key (default `jax.random.key(seed)`).
+    strategy: member-parallel strategy (`members.STRATEGIES`).
+    log_every: steps between history records (0: a tenth of the run).
+    progress, desc: the progress bar.
+
+  Returns:
+    A `SimCSEResult`.
+  """
+  k = members.check_num_members(num_members)
+  batch_fn, _ = make_simcse_batch_fn(sentences, tokenizer, seed=seed, batch_size=batch_size,
+                                     num_members=k, max_length=max_length,
+                                     augmentation=augmentation, delete_rate=delete_rate)
+  mask = None
+  if trainable:
+    mask = optim.trainable_mask(pretrained, list(trainable))
+    tx = optim.freeze(tx, pretrained, trainable=mask)
+  state = members.init_states(tree_lib.broadcast({"params": pretrained}, k), tx)
+  step = members.ensemble_step(
+      model=model, tx=tx, num_members=k, strategy=strategy, donate=True,
+      loss_fn=functools.partial(losses.info_nce, temperature=temperature),
+      step_fn=functools.partial(simcse_step, trainable=mask))
+  strategy = step.resolve(state["params"])
+  t0 = time.perf_counter()
+  state, _, history = train.fit(
+      state, step_fn=step, batch_fn=batch_fn, num_steps=int(num_steps),
+      key=jax.random.key(seed) if key is None else key,
+      eval_every=log_every or max(1, int(num_steps) // 10), progress=progress,
+      desc=f"{desc} {augmentation} x{k} ({strategy})")
+  return SimCSEResult(state["params"], mask, history, time.perf_counter() - t0, strategy)
+
+
 # --------------------------------------------------------------------------- encoding
 
 def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
@@ -168,6 +291,9 @@ def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
       (e.g. only the top layers were fine-tuned), those are run once per batch with
       member 0's weights and only the rest per member. Checked: sharing must be exact.
     bucket: lengths are rounded up to a multiple of this.
+
+  Returns:
+    NumPy (K, N, D), row n the embedding of `sentences[n]`.
   """
   k = jax.tree.leaves(params_K)[0].shape[0]
   if shared_layers:
@@ -219,7 +345,12 @@ def _encode_fn(cfg, pooling, shared_layers):
 # --------------------------------------------------------------------------- STS scoring
 
 def unique_sentences(tasks: Mapping[str, Mapping[str, STSPairs]]) -> list[str]:
-  """Every distinct sentence of the given STS tasks, sorted (encode these once)."""
+  """Every distinct sentence of the given STS tasks, sorted (encode these once).
+
+  >>> pairs = STSPairs("t", ("b", "a"), ("a", "c"), np.array([1.0, 2.0]))
+  >>> unique_sentences({"T": {"x": pairs}})
+  ['a', 'b', 'c']
+  """
   out = set()
   for subsets in tasks.values():
     for pairs in subsets.values():
@@ -240,6 +371,11 @@ def sts_spearman(tasks: Mapping[str, Mapping[str, STSPairs]], index: Mapping[str
   Returns:
     {task: {"all": Spearman over all subsets concatenated (the SimCSE "all" setting),
             "mean": unweighted mean of the subsets, "subsets": {name: value}}}.
+
+  >>> pairs = STSPairs("t", ("a", "a", "b"), ("b", "c", "c"), np.array([3.0, 1.0, 2.0]))
+  >>> emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 1.0]])  # a, b, c
+  >>> sts_spearman({"T": {"x": pairs}}, {"a": 0, "b": 1, "c": 2}, emb)["T"]["all"]
+  100.0
   """
   emb = l2_normalize(np.asarray(emb_NxD))
   out = {}
@@ -261,7 +397,18 @@ def sts_spearman(tasks: Mapping[str, Mapping[str, STSPairs]], index: Mapping[str
 
 def average_embeddings(emb_KxNxD: np.ndarray, *, weights: Sequence[float] | None = None
                        ) -> np.ndarray:
-  """The (weighted) mean of the members' L2-normalised embeddings: (N, D)."""
+  """The (weighted) mean of the members' L2-normalised embeddings.
+
+  Args:
+    emb_KxNxD: K members' embeddings of the same N sentences.
+    weights: one non-negative weight per member (None: equal weights).
+
+  Returns:
+    (N, D) float64; K identical members average to their normalised embeddings.
+
+  >>> average_embeddings(np.array([[[3.0, 4.0]], [[0.0, 2.0]]])).tolist()
+  [[0.3, 0.9]]
+  """
   emb = l2_normalize(np.asarray(emb_KxNxD))
   if weights is None:
     return emb.mean(0)
@@ -275,8 +422,13 @@ def align_members(emb_KxNxD: np.ndarray, *, anchor: int, **fit_kwargs
                   ) -> list[dict[str, np.ndarray] | None]:
   """Fits one adapter per member into member `anchor`'s space (None for the anchor).
 
-  `emb_KxNxD` are all members' embeddings of the same unlabelled fitting sentences;
-  `fit_kwargs` go to `fit_linear_adapter`.
+  Args:
+    emb_KxNxD: all members' embeddings of the same unlabelled fitting sentences.
+    anchor: the member whose space is shared (the best one on a dev set).
+    **fit_kwargs: for `fit_linear_adapter` (method, l2, steps, ...).
+
+  Returns:
+    K entries: {"kernel", "bias"} per member, None for the anchor.
   """
   k = emb_KxNxD.shape[0]
   if not 0 <= anchor < k:
@@ -290,7 +442,18 @@ def aligned_embeddings(emb_KxNxD: np.ndarray, adapters: Sequence[Mapping | None]
                        ) -> np.ndarray:
   """Every member's normalised embeddings mapped into the shared space: (K, N, E).
 
-  A member with adapter None is the anchor and is kept as is.
+  Args:
+    emb_KxNxD: the members' embeddings.
+    adapters: one `{"kernel", "bias"}` per member (`align_members`); None keeps that
+      member's normalised embeddings as they are (the anchor).
+
+  Returns:
+    (K, N, E) float64.
+
+  >>> e = np.array([[[2.0, 0.0]], [[0.0, 3.0]]])
+  >>> swap = {"kernel": np.array([[0.0, 1.0], [1.0, 0.0]]), "bias": np.zeros(2)}
+  >>> aligned_embeddings(e, [None, swap]).tolist()
+  [[[1.0, 0.0]], [[1.0, 0.0]]]
   """
   if len(adapters) != emb_KxNxD.shape[0]:
     raise ValueError(f"Need one adapter (or None) per member: {emb_KxNxD.shape[0]} members, "

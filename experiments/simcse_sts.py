@@ -1,83 +1,51 @@
 """SimCSE encoders on STS (seed 000, Table 3): pretrained encoder; per augmentation, K
-fine-tuned seeds (vmapped), the best single one (picked on STS-B dev), the naive average of
-their embeddings and the aligned average (the best one's space shared, the others mapped
-into it by a fitted linear layer). Writes results.md/json, metrics.jsonl and a PNG."""
+fine-tuned seeds (`text.fit_simcse`, vmapped), the best single one (picked on STS-B dev),
+the naive average of their embeddings and the aligned average (the best one's space
+shared, the others mapped into it by a fitted linear layer). Writes metrics.jsonl and a
+PNG; main writes results.md/json."""
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import functools
 import json
 import os
-import re
 import time
 
 import jax
 import numpy as np
 import optax
 
-from ensembling import losses, members, report, text, train
-from ensembling import tree as tree_lib
+from ensembling import report, text
 from ensembling.data import sts
 from ensembling.models import bert
 
 SHORT = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
 
 
-@contextlib.contextmanager
-def prng_impl(name: str):
-  """Sets jax's default PRNG for the duration of a run, then restores it."""
-  old = jax.config.jax_default_prng_impl
-  jax.config.update("jax_default_prng_impl", name)
-  try:
-    yield
-  finally:
-    jax.config.update("jax_default_prng_impl", old)
+def _encoder(config, sentences, workdir):
+  """(path, cfg, tokenizer, pretrained params, model) of `config.model`."""
+  path = config.model.path
+  if path == "tiny_random":
+    path = bert.write_random_bert(os.path.join(workdir, "tiny_bert"),
+                                  bert.most_common_words(sentences, 400), num_layers=1,
+                                  seed=int(config.seed))
+  else:
+    path = bert.resolve_model_path(path)
+  cfg = bert.bert_config_from_dir(path)
+  return (path, cfg, bert.load_tokenizer(path), bert.load_pretrained_params(path, cfg)["params"],
+          bert.Bert(cfg, pooling=config.model.pooling))
 
 
-def run(config, workdir: str) -> dict:
-  with prng_impl(config.prng_impl):
-    return _run(config, workdir)
-
-
-def _shared_layers(mask, cfg) -> int:
-  """How many bottom layers (with the embeddings) no member trains."""
-  if mask is None or any(jax.tree.leaves(mask["embeddings"])):
-    return 0
-  for i in range(cfg.num_layers):
-    if any(jax.tree.leaves(mask[f"layer_{i}"])):
-      return i
-  return cfg.num_layers
-
-
-def _train_group(config, g, aug, pretrained, model, tok, sentences, log_f):
-  k = int(config.members)
-  batch_fn, _ = text.make_simcse_batch_fn(
-      sentences, tok, seed=int(config.seed) + 1000 * g, batch_size=config.batch_size,
-      num_members=k, max_length=config.model.max_length, augmentation=aug,
-      delete_rate=config.delete_rate)
+def _train_group(config, g: int, aug: str, pretrained, model, tok, sentences):
   steps = int(config.steps)
   schedule = optax.linear_schedule(config.optim.learning_rate, 0.0, steps)  # as SimCSE
-  tx, mask = text.frozen_optimizer(
-      optax.adamw(schedule, weight_decay=config.optim.weight_decay), pretrained,
-      tuple(config.model.trainable))
-  state = members.init_states(tree_lib.broadcast({"params": pretrained}, k), tx)
-  strategy = members.resolve_strategy(config.members_strategy, state["params"])
-  step_fn = members.ensemble_step(
-      apply_fn=model.apply, tx=tx, num_members=k, strategy=strategy,
-      loss_fn=functools.partial(losses.info_nce, temperature=config.temperature),
-      step_fn=functools.partial(text.simcse_step, trainable=mask))
-  t0 = time.time()
-  state, _, history = train.fit(
-      state, step_fn=step_fn, batch_fn=batch_fn, num_steps=steps,
-      key=jax.random.key(int(config.seed) + 1 + g), workdir=None,
-      eval_every=max(1, steps // 10), progress=config.progress,
-      desc=f"SimCSE {aug} x{k} ({strategy})")
-  seconds = time.time() - t0
-  for r in history:
-    log_f.write(json.dumps({"augmentation": aug, **r}) + "\n")
-  return state["params"], mask, history, seconds, strategy
+  return text.fit_simcse(
+      pretrained, model, tok, sentences, num_members=int(config.members), num_steps=steps,
+      batch_size=int(config.batch_size), max_length=int(config.model.max_length),
+      tx=optax.adamw(schedule, weight_decay=config.optim.weight_decay),
+      trainable=tuple(config.model.trainable), temperature=config.temperature,
+      augmentation=aug, delete_rate=config.delete_rate, seed=int(config.seed) + 1000 * g,
+      key=jax.random.key(int(config.seed) + 1 + g, impl=config.prng_impl),
+      strategy=config.members_strategy, progress=config.progress)
 
 
 def _row(scores: dict, dev: float) -> dict:
@@ -87,27 +55,12 @@ def _row(scores: dict, dev: float) -> dict:
   return row
 
 
-def _run(config, workdir: str) -> dict:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+def run(config, workdir: str):
   root = config.eval.data_root
   sentences = sts.training_sentences(root=root)
   if config.train_limit:
     sentences = sentences[:config.train_limit]
-  path = config.model.path
-  if path == "tiny_random":
-    words = collections.Counter(w.lower() for s in sentences for w in re.findall(r"\w+|[^\w\s]", s))
-    path = bert.write_random_bert(os.path.join(workdir, "tiny_bert"),
-                                  [w for w, _ in words.most_common(400)], num_layers=1,
-                                  seed=int(config.seed))
-  else:
-    path = bert.resolve_model_path(path)
-  cfg = bert.bert_config_from_dir(path)
-  tok = bert.load_tokenizer(path)
-  pretrained = bert.load_pretrained_params(path, cfg)["params"]
-  model = bert.Bert(cfg, pooling=config.model.pooling)
-
+  path, cfg, tok, pretrained, model = _encoder(config, sentences, workdir)
   tasks = sts.subsample_tasks(sts.load_sts_tasks(tuple(config.eval.tasks), root=root),
                               config.eval.max_pairs_per_task)
   dev = {"dev": {"dev": sts.subsample(sts.read_stsb("dev", root=root), config.eval.select_pairs)}}
@@ -119,18 +72,23 @@ def _run(config, workdir: str) -> dict:
   index = {s: i for i, s in enumerate(all_sents)}
   fit_rows = np.array([index[s] for s in fit_sents])
 
-  timings, names, groups, mask, strategy = {}, ["pretrained"], [], None, "-"
+  timings, names, groups, params, curves = {}, ["pretrained"], [], [pretrained], {}
+  mask, strategy, steps_axis = None, "-", None
   with open(os.path.join(workdir, "metrics.jsonl"), "w") as log_f:
     for g, aug in enumerate(config.augmentations):
-      params_K, mask, _, secs, strategy = _train_group(config, g, aug, pretrained, model, tok,
-                                                       sentences, log_f)
-      timings[f"train_{aug}_s"] = secs
+      res = _train_group(config, g, aug, pretrained, model, tok, sentences)
+      mask, strategy = res.trainable, res.strategy
+      timings[f"train_{aug}_s"] = res.seconds
       groups.append((aug, list(range(len(names), len(names) + int(config.members)))))
       names += [f"{aug} seed {m}" for m in range(int(config.members))]
-      all_params = (jax.tree.map(lambda p, q: np.concatenate([np.asarray(p)[None], q]),
-                                 pretrained, params_K) if g == 0 else
-                    jax.tree.map(lambda a, q: np.concatenate([a, q]), all_params, params_K))
-  shared = _shared_layers(mask, cfg)
+      params.append(res.params_K)
+      for r in res.history:
+        log_f.write(json.dumps({"augmentation": aug, **r}) + "\n")
+      first = [r for r in res.history if r["member"] == 0]
+      curves[f"{aug} (member 0)"] = [r["train_loss"] for r in first]
+      steps_axis = steps_axis or [r["step"] for r in first]
+  all_params = jax.tree.map(lambda p, *q: np.concatenate([np.asarray(p)[None], *q]), *params)
+  shared = text.shared_layers(mask, cfg.num_layers)
   t0 = time.time()
   emb = text.encode_members(all_params, cfg, tok, all_sents, pooling=config.model.pooling,
                             max_length=config.eval.max_length,
@@ -140,15 +98,13 @@ def _run(config, workdir: str) -> dict:
   def score(e):
     return text.sts_spearman(tasks, index, e), text.sts_spearman(dev, index, e)["dev"]["all"]
 
-  results = {"encoders": {}, "groups": {}}
-  rows = []
+  results, rows = {"encoders": {}, "groups": {}}, []
   for j, name in enumerate(names):
     s, d = score(emb[j])
     results["encoders"][name] = {"sts": s, "stsb_dev": d}
     rows.append((name, _row(s, d)))
   for aug, idx in groups:
-    devs = [results["encoders"][names[j]]["stsb_dev"] for j in idx]
-    best = int(np.argmax(devs))
+    best = int(np.argmax([results["encoders"][names[j]]["stsb_dev"] for j in idx]))
     gr = {"best": names[idx[best]], "members": [names[j] for j in idx]}
     rows.append((f"{aug}: best single ({names[idx[best]]}, by STS-B dev)",
                  _row(*score(emb[idx[best]]))))
@@ -170,20 +126,12 @@ def _run(config, workdir: str) -> dict:
                  model_path=path, num_eval_pairs={t: sum(len(p) for p in v.values())
                                                   for t, v in tasks.items()},
                  num_eval_sentences=len(all_sents), num_train_sentences=len(sentences))
-  report.write_json(os.path.join(workdir, "results.json"), results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(f"# SimCSE on STS: Spearman x 100 of cosine similarity ({config.model.path})\n\n")
-    f.write(report.markdown_table(rows, columns, digits=2))
-    f.write(f"\n{config.members} members per augmentation, {config.steps} steps x "
-            f"{config.batch_size} sentences, trained {list(config.model.trainable) or 'all'}, "
-            f"strategy {strategy}. Eval pairs per task: {results['num_eval_pairs']}. "
-            f"Timings (s): { {k: round(v, 1) for k, v in timings.items()} }\n")
-  hist = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  curves = {}
-  for aug, _ in groups:
-    recs = [r for r in hist if r["augmentation"] == aug and r["member"] == 0]
-    curves[f"{aug} (member 0)"] = [r["train_loss"] for r in recs]
-  steps_axis = [r["step"] for r in hist if r["augmentation"] == groups[0][0] and r["member"] == 0]
+  markdown = (f"# SimCSE on STS: Spearman x 100 of cosine similarity ({config.model.path})\n\n"
+              + report.markdown_table(rows, columns, digits=2)
+              + f"\n{config.members} members per augmentation, {config.steps} steps x "
+              f"{config.batch_size} sentences, trained {list(config.model.trainable) or 'all'}, "
+              f"strategy {strategy}. Eval pairs per task: {results['num_eval_pairs']}. "
+              f"Timings (s): { {k: round(v, 1) for k, v in timings.items()} }\n")
   report.plot_curve(os.path.join(workdir, "train_loss.png"), steps_axis, curves,
                     xlabel="step", ylabel="SimCSE loss")
-  return results
+  return results, markdown

@@ -197,6 +197,16 @@ def test_arcface_head_and_model_wrap_any_backbone():
     assert out.features.shape == (3, 6)
 
 
+def test_make_arcface_model_builds_a_registry_backbone_by_name():
+  m = models.make_arcface_model("mlp", widths=(8,), dropout=0.0, num_classes=3,
+                                embedding_dim=4, scale=5.0)
+  assert m.backbone.widths == (8,) and m.backbone.num_classes == 1 and m.scale == 5.0
+  v = m.init(jax.random.key(0), jnp.ones((1, 6)))
+  assert v["params"]["head"]["centers"].shape == (3, 4)
+  with pytest.raises(ValueError, match="Unknown option"):
+    models.make_arcface_model("mlp", depth=3, num_classes=3)
+
+
 # --------------------------------------------------------------------------- mP@k
 
 @pytest.mark.parametrize("k", [1, 5])

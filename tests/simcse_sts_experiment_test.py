@@ -1,4 +1,8 @@
-"""Smoke test: the SimCSE/STS experiment at its smallest (tiny random BERT) end to end."""
+"""Smoke test: the SimCSE/STS experiment at its smallest (tiny random BERT) end to end.
+
+The library pieces (SimCSE step and training, encoding, STS scoring, adapters) are
+tested in text_test.py; this only runs the experiment.
+"""
 
 import json
 import os
@@ -7,36 +11,32 @@ import jax
 import numpy as np
 import pytest
 
-from configs import simcse_sts
 from conftest import SHARED_DATA
-from experiments import main
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "stsb")), reason="no shared data")
 def test_simcse_sts_runlocal(tmp_path):
+  from configs import simcse_sts
+  from experiments import main
   config = simcse_sts.get_config("runlocal")
   config.eval.data_root = SHARED_DATA
-  config.prng_impl = "rbg"
+  config.prng_impl = "rbg"  # only the dropout keys': nothing global changes
   before = jax.config.jax_default_prng_impl
   res = main.run_experiment(config, str(tmp_path))
-  assert jax.config.jax_default_prng_impl == before  # set inside run() only, then restored
+  assert jax.config.jax_default_prng_impl == before
   for f in ("config.json", "metrics.jsonl", "results.md", "results.json", "train_loss.png"):
     assert os.path.exists(tmp_path / f), f
-  with open(tmp_path / "results.json") as f:
-    saved = json.load(f)
-  k = config.members
-  aug = config.augmentations[0]
-  assert len(saved["encoders"]) == 1 + k * len(config.augmentations)
-  group = saved["groups"][aug]
-  assert group["best"] in group["members"]
-  rows = dict((name, row) for name, row in saved["table"])
-  for name, row in rows.items():
-    vals = [row[t] for t in ("STS12", "STS13", "STS14", "STS15", "STS16", "STS-B", "SICK-R")]
-    assert all(-100 <= v <= 100 for v in vals), name
-    assert row["avg"] == pytest.approx(np.mean(vals))
+  k, aug = config.members, config.augmentations[0]
+  assert len(res["encoders"]) == 1 + k * len(config.augmentations)
+  group = res["groups"][aug]
+  devs = [res["encoders"][m]["stsb_dev"] for m in group["members"]]
+  assert group["best"] == group["members"][int(np.argmax(devs))]
+  rows = dict(res["table"])
+  # The "best single" row is the chosen encoder's own row.
+  assert rows[f"{aug}: best single ({group['best']}, by STS-B dev)"] == rows[group["best"]]
   assert {f"{aug}: naive average of {k}", f"{aug}: aligned average (lstsq)",
           f"{aug}: aligned average (info_nce)"} <= set(rows)
   with open(tmp_path / "metrics.jsonl") as f:
     recs = [json.loads(line) for line in f]
   assert {r["member"] for r in recs} == set(range(k))
-  assert all(np.isfinite(r["train_loss"]) and r["augmentation"] == aug for r in recs)
+  assert all(r["augmentation"] == aug for r in recs)

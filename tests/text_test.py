@@ -17,13 +17,14 @@ import optax
 import pytest
 import scipy.stats
 
-from ensembling import losses, members, metrics, text
+from conftest import SHARED_DATA
+from ensembling import losses, members, metrics, optim, text
 from ensembling import tree as tree_lib
 from ensembling.data import sts
 from ensembling.models import bert
+from ensembling.models.linear import apply_linear
 
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "shared", "data")
+HAS_STS = os.path.isdir(os.path.join(SHARED_DATA, "stsb"))
 WORDS = ("a the cat dog sat on mat man woman is playing guitar . , a an runs ran park "
          "in with bird flies sky red blue car drives road".split())
 SENTENCES = ["The cat sat on the mat.", "A man is playing a guitar.", "A dog runs in the park",
@@ -164,12 +165,12 @@ def test_minilm_parity_with_documented_similarities():
   tok = bert.load_tokenizer(path)
   s = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
   ids = bert.tokenize(tok, s, max_length=256, pad_to=8)
-  e = text.normalize(bert.Bert(cfg).apply(variables, ids, train=False).features)
+  e = losses.l2_normalize(np.asarray(bert.Bert(cfg).apply(variables, ids, train=False).features))
   sim = e @ e.T
   np.testing.assert_allclose([sim[0, 1], sim[0, 2], sim[1, 2]], [0.6660, 0.1046, 0.1411],
                              atol=6e-4)
   t, hf_cfg = _hf(path)
-  ref = text.normalize(numpy_bert(t, hf_cfg, ids, ids != 0))
+  ref = losses.l2_normalize(numpy_bert(t, hf_cfg, ids, ids != 0))
   np.testing.assert_allclose(e, ref, atol=1e-4)
 
 
@@ -230,8 +231,15 @@ def test_sts_readers_on_synthetic_files(tmp_path):
     sts.read_sts_subset(str(inp), str(gs))
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "stsb")), reason="no shared data")
-def test_sts_readers_on_shared_data():
+def test_sts_readers_need_a_root():
+  with pytest.raises(TypeError, match="root"):
+    sts.read_stsb("dev")  # no default data folder inside the package
+  with pytest.raises(FileNotFoundError, match="sts-dev.csv"):
+    sts.read_stsb("dev", root="/nonexistent")
+
+
+@pytest.mark.skipif(not HAS_STS, reason="no shared data")
+def test_sts_test_sets_on_shared_data():
   tasks = sts.load_sts_tasks(root=SHARED_DATA)
   counts = {t: sum(len(p) for p in v.values()) for t, v in tasks.items()}
   assert counts == {"STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
@@ -240,14 +248,18 @@ def test_sts_readers_on_shared_data():
   for v in tasks.values():
     for p in v.values():
       assert p.scores.min() >= 0 and p.scores.max() <= 5 and all(p.sentences1) and all(p.sentences2)
+  sub = sts.subsample_tasks(tasks, 100)
+  assert all(90 <= sum(len(p) for p in v.values()) <= 110 for v in sub.values())
+
+
+@pytest.mark.skipif(not HAS_STS, reason="no shared data")
+def test_stsb_splits_and_training_sentences_on_shared_data():
   train = sts.read_stsb("train", root=SHARED_DATA)
   assert len(train) == 5749 and len(sts.read_stsb("dev", root=SHARED_DATA)) == 1500
   assert any('"' in s for s in train.sentences1 + train.sentences2)  # no quote handling
   assert not any("\t" in s for s in train.sentences2)  # extra columns dropped
   sents = sts.training_sentences(root=SHARED_DATA)
   assert len(sents) == len(set(sents)) > 10000
-  sub = sts.subsample_tasks(tasks, 100)
-  assert all(90 <= sum(len(p) for p in v.values()) <= 110 for v in sub.values())
 
 
 # --------------------------------------------------------------------------- augmentations, steps
@@ -284,32 +296,67 @@ def test_batch_fn_views(tiny):
   assert ((b1["b"] != 0).sum() < (b1["a"] != 0).sum())
 
 
-def test_simcse_step_vmap_equals_member_loop_and_freezing(tiny):
+@pytest.fixture(scope="module")
+def simcse_steps(tiny):
+  """One SimCSE step of 2 members with layer_1 trainable: per member (jitted one-member
+  step) and vmapped (`members.ensemble_step`), from the same state, batch and keys."""
   _, cfg, tok, variables = tiny
   model = bert.Bert(cfg)
   ids = bert.tokenize(tok, SENTENCES[:4] * 2, max_length=12)
   batch_K = {"a": ids.reshape(2, 4, 12), "b": ids.reshape(2, 4, 12)}
+  mask = optim.trainable_mask(variables["params"], "^layer_1/")
   # SGD, not Adam: Adam would blow up float noise in exactly-zero gradients (key bias).
-  tx, mask = text.frozen_optimizer(optax.sgd(0.5), variables["params"], ["^layer_1/"])
+  tx = optim.freeze(optax.sgd(0.5), variables["params"], trainable=mask)
   state_K = members.init_states(tree_lib.broadcast(variables, 2), tx)
   keys = jax.random.split(jax.random.key(0), 2)
-  loss = functools.partial(losses.info_nce, temperature=0.1)
   step = functools.partial(text.simcse_step, trainable=mask)
-  one_step = jax.jit(functools.partial(step, apply_fn=model.apply, tx=tx, loss_fn=loss))
-  refs = [one_step(tree_lib.index(state_K, k), tree_lib.index(batch_K, k), keys[k])
-          for k in range(2)]  # before the vmapped step, which donates state_K
-  vm = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=2, strategy="vmap",
+  loss = functools.partial(losses.info_nce, temperature=0.1)
+  one_step = jax.jit(functools.partial(step, model=model, tx=tx, loss_fn=loss))
+  loop = [one_step(tree_lib.index(state_K, k), tree_lib.index(batch_K, k), keys[k])
+          for k in range(2)]
+  vm = members.ensemble_step(model=model, tx=tx, num_members=2, strategy="vmap",
                              loss_fn=loss, step_fn=step)
-  new_K, m_K = vm(state_K, batch_K, keys)
-  for k, (one, m) in enumerate(refs):
+  return variables["params"], loop, vm(state_K, batch_K, keys)
+
+
+def test_simcse_step_vmap_equals_member_loop(simcse_steps):
+  _, loop, (new_K, m_K) = simcse_steps
+  for k, (one, m) in enumerate(loop):
     chex.assert_trees_all_close(tree_lib.index(new_K, k)["params"], one["params"], atol=1e-5)
     np.testing.assert_allclose(m_K["loss"][k], m["loss"], rtol=1e-5)
-  p0, p1 = variables["params"], tree_lib.index(new_K, 0)["params"]
-  chex.assert_trees_all_equal(p1["embeddings"], p0["embeddings"])  # frozen
+
+
+def test_simcse_step_leaves_frozen_layers_bit_identical(simcse_steps):
+  p0, loop, _ = simcse_steps
+  p1 = loop[0][0]["params"]
+  chex.assert_trees_all_equal(p1["embeddings"], p0["embeddings"])
   chex.assert_trees_all_equal(p1["layer_0"], p0["layer_0"])
   assert not np.allclose(p1["layer_1"]["output"]["kernel"], p0["layer_1"]["output"]["kernel"])
-  with pytest.raises(ValueError, match="No parameter"):
-    text.frozen_optimizer(optax.adam(1e-2), variables["params"], ["^nothing/"])
+
+
+def test_fit_simcse_trains_members_apart_and_keeps_frozen_layers(tiny):
+  _, cfg, tok, variables = tiny
+  sents = [f"the cat sat on the mat {w}" for w in WORDS[:16]]
+  res = text.fit_simcse(variables["params"], bert.Bert(cfg), tok, sents, num_members=2,
+                        num_steps=2, batch_size=4, max_length=12, tx=optax.sgd(0.5),
+                        trainable=["^layer_1/"], temperature=0.1, seed=0,
+                        key=jax.random.key(0, impl="rbg"))
+  p0 = variables["params"]
+  for k in range(2):
+    chex.assert_trees_all_equal(tree_lib.index(res.params_K, k)["layer_0"], p0["layer_0"])
+  top = res.params_K["layer_1"]["output"]["kernel"]
+  assert not np.allclose(top[0], top[1])  # own data order and dropout per member
+  assert text.shared_layers(res.trainable, cfg.num_layers) == 1
+  assert {r["member"] for r in res.history} == {0, 1} and res.strategy in members.STRATEGIES
+
+
+def test_shared_layers_counts_the_untrained_bottom(tiny):
+  _, cfg, _, variables = tiny
+  p = variables["params"]
+  assert text.shared_layers(None, cfg.num_layers) == 0
+  assert text.shared_layers(optim.trainable_mask(p, "^layer_1/"), cfg.num_layers) == 1
+  assert text.shared_layers(optim.trainable_mask(p, "^embeddings/"), cfg.num_layers) == 0
+  assert text.shared_layers(jax.tree.map(lambda _: False, p), cfg.num_layers) == 2
 
 
 def test_encode_members_order_and_shared_layers(tiny):
@@ -334,41 +381,76 @@ def test_encode_members_order_and_shared_layers(tiny):
 
 # --------------------------------------------------------------------------- scoring, ensembles
 
-def test_sts_spearman_and_averages():
+def _pairs():
   pairs = sts.STSPairs("t", ("a", "b", "c", "d"), ("b", "c", "d", "a"), np.array([3., 1., 2., 0.]))
-  index = {s: i for i, s in enumerate("abcd")}
-  rng = np.random.default_rng(0)
-  emb = rng.normal(size=(4, 3))
+  return pairs, {s: i for i, s in enumerate("abcd")}
+
+
+def test_sts_spearman_matches_scipy_per_subset_and_over_all():
+  pairs, index = _pairs()
+  emb = np.random.default_rng(0).normal(size=(4, 3))
   res = text.sts_spearman({"T": {"x": pairs, "y": pairs}}, index, emb)
   e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
   cos = [e[0] @ e[1], e[1] @ e[2], e[2] @ e[3], e[3] @ e[0]]
-  expect = 100 * scipy.stats.spearmanr(cos, pairs.scores)[0]
-  assert res["T"]["subsets"]["x"] == pytest.approx(expect)
+  want = 100 * scipy.stats.spearmanr(cos, pairs.scores)[0]
+  assert res["T"]["subsets"]["x"] == pytest.approx(want)
   assert res["T"]["all"] == pytest.approx(100 * scipy.stats.spearmanr(cos * 2, [3, 1, 2, 0] * 2)[0])
-  emb_K = rng.normal(size=(3, 4, 3))
-  np.testing.assert_allclose(text.average_embeddings(emb_K), text.normalize(emb_K).mean(0))
+
+
+def test_naive_average_of_identical_encoders_scores_as_that_encoder():
+  pairs, index = _pairs()
+  emb = np.random.default_rng(1).normal(size=(4, 3))
+  tasks = {"T": {"x": pairs}}
+  mean = text.sts_spearman(tasks, index, text.average_embeddings(np.stack([emb] * 3)))
+  one = text.sts_spearman(tasks, index, emb)
+  assert jax.tree.structure(mean) == jax.tree.structure(one)
+  np.testing.assert_allclose(jax.tree.leaves(mean), jax.tree.leaves(one), rtol=1e-12)
+
+
+def test_average_embeddings_is_the_mean_of_normalised_rows():
+  emb_K = np.random.default_rng(0).normal(size=(3, 4, 3))
+  np.testing.assert_allclose(text.average_embeddings(emb_K), losses.l2_normalize(emb_K).mean(0))
   np.testing.assert_allclose(text.average_embeddings(emb_K, weights=[1, 0, 0]),
-                             text.normalize(emb_K[0]))
+                             losses.l2_normalize(emb_K[0]))
+  with pytest.raises(ValueError, match="one weight per member"):
+    text.average_embeddings(emb_K, weights=[1, 1])
 
 
-def test_adapters_recover_linear_maps():
+def _rotated(n=400, d=6):
   rng = np.random.default_rng(0)
-  n, d = 400, 6
-  y = text.normalize(rng.normal(size=(n, d)))
+  y = losses.l2_normalize(rng.normal(size=(n, d)))
   q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-  x = y @ q.T  # rotated copy: x @ q == y
-  pro = text.fit_linear_adapter(x, y, method="procrustes")
-  np.testing.assert_allclose(pro["kernel"], q, atol=1e-5)
+  return y @ q.T, y, q  # rotated copy: x @ q == y
+
+
+def test_procrustes_adapter_recovers_a_rotation():
+  x, y, q = _rotated()
+  np.testing.assert_allclose(text.fit_linear_adapter(x, y, method="procrustes")["kernel"], q,
+                             atol=1e-5)
+
+
+def test_lstsq_adapter_recovers_a_linear_map():
+  x, y, _ = _rotated()
   ls = text.fit_linear_adapter(x, y, method="lstsq", l2=1e-8)
-  np.testing.assert_allclose(text.apply_linear_adapter(ls, x), y, atol=1e-4)
-  # Cross-model InfoNCE from the ridge start: retrieval of each sentence's target is exact.
+  np.testing.assert_allclose(apply_linear(ls, x), y, atol=1e-4)
+
+
+def test_info_nce_adapter_retrieves_every_target():
+  """Cross-model InfoNCE from the ridge start: each sentence's target is its nearest."""
+  x, y, _ = _rotated()
   nce = text.fit_linear_adapter(x, y, method="info_nce", l2=1e-2, steps=30, batch_size=64)
-  mapped = text.normalize(text.apply_linear_adapter(nce, x))
-  assert (np.argmax(mapped @ y.T, axis=1) == np.arange(n)).all()
+  mapped = losses.l2_normalize(apply_linear(nce, x))
+  assert (np.argmax(mapped @ y.T, axis=1) == np.arange(len(x))).all()
+  with pytest.raises(ValueError, match="method"):
+    text.fit_linear_adapter(x, y, method="nope")
+
+
+def test_align_members_keeps_the_anchor_and_maps_the_others():
+  x, y, _ = _rotated()
   adapters = text.align_members(np.stack([y, x]), anchor=0, method="procrustes")
   assert adapters[0] is None
   aligned = text.aligned_embeddings(np.stack([y, x]), adapters)
   np.testing.assert_allclose(aligned[1], y, atol=1e-5)
-  np.testing.assert_allclose(aligned[0], y, atol=1e-12)
-  with pytest.raises(ValueError, match="method"):
-    text.fit_linear_adapter(x, y, method="nope")
+  np.testing.assert_array_equal(aligned[0], losses.l2_normalize(y))
+  with pytest.raises(ValueError, match="anchor"):
+    text.align_members(np.stack([y, x]), anchor=2)

@@ -1,7 +1,8 @@
-"""Image datasets that need no download: scikit-learn's digits and IDX directories."""
+"""Image datasets that need no download (scikit-learn's digits, IDX directories), and resizing."""
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -81,6 +82,41 @@ def load_digits(directory: str = "", *, validation_size=0.1, seed: int = 0,
   test, train = perm[:test_size], perm[test_size:]
   return make_splits((x[train], y[train]), (x[test], y[test]), num_classes=10,
                      validation_size=validation_size, seed=seed, name="digits")
+
+
+def resize(images_NxHxWxC: np.ndarray, size: int, *, chunk: int = 10000) -> np.ndarray:
+  """NHWC images resized to `size` x `size` (`jax.image.resize`, linear, antialiased).
+
+  Images already of that size are returned as they are (the same array). The work is
+  done in chunks of `chunk` images, each through one compiled function per shape.
+
+  Args:
+    images_NxHxWxC: a float array of N images (height, width, channels).
+    size: the new height and width in pixels.
+    chunk: images per call of the compiled resize.
+
+  Returns:
+    A NumPy array (N, size, size, C) of the input's dtype.
+
+  >>> x = np.ones((3, 28, 28, 1), np.float32)
+  >>> resize(x, 20).shape
+  (3, 20, 20, 1)
+  >>> resize(x, 28) is x
+  True
+  """
+  x = np.asarray(images_NxHxWxC)
+  if x.ndim != 4:
+    raise ValueError(f"resize expects NHWC images, got shape {x.shape}.")
+  if x.shape[1] == size and x.shape[2] == size:
+    return images_NxHxWxC
+  fn = _resize_fn(int(size))
+  return np.concatenate([np.asarray(fn(x[s:s + chunk])) for s in range(0, len(x), chunk)])
+
+
+@functools.lru_cache(maxsize=8)
+def _resize_fn(size: int):
+  import jax  # local: the loaders themselves need only NumPy
+  return jax.jit(lambda a: jax.image.resize(a, (a.shape[0], size, size, a.shape[3]), "linear"))
 
 
 BUILTIN = {

