@@ -1,7 +1,9 @@
 """Metrics for classifiers and ensembles, on NumPy/JAX arrays.
 
-All classification metrics take probabilities `probs_BxC` (rows sum to 1) and integer
-`labels_B`; they return Python floats so they can go straight into JSON.
+The calibration metrics (NLL, ECE, Brier) take probabilities `probs_BxC` (checked: rows
+non-negative and summing to 1, with a hint when they look like logits); accuracy and
+top-k accuracy take probabilities or any per-class scores (only the order matters).
+Labels must be integers in [0, C). They return Python floats, ready for JSON.
 """
 
 from __future__ import annotations
@@ -35,9 +37,17 @@ def check_probs(probs_BxC, *, what: str = "probs", atol: float = 1e-3) -> np.nda
   return probs
 
 
-def _check(probs, labels):
+def _check(probs, labels, *, scores_ok: bool = False):
   from ensembling.data.core import check_labels
-  probs = check_probs(probs)
+  if scores_ok:  # only the order within a row matters: any finite scores will do
+    probs = np.asarray(probs, np.float64)
+    if probs.ndim != 2:
+      raise ValueError(f"scores must be (B, C), got shape {probs.shape}.")
+    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
+    if len(bad):
+      raise ValueError(f"scores have NaN or inf in row(s) {bad[:5].tolist()} of {len(probs)}.")
+  else:
+    probs = check_probs(probs)
   labels = np.asarray(labels)
   if labels.shape != (probs.shape[0],):
     raise ValueError(f"Expected probs (B, C) and labels (B,), got {probs.shape} and {labels.shape}.")
@@ -45,12 +55,14 @@ def _check(probs, labels):
 
 
 def accuracy(probs_BxC, labels_B) -> float:
-  probs, labels = _check(probs_BxC, labels_B)
+  """Fraction of rows whose highest score is the label (probabilities or any scores)."""
+  probs, labels = _check(probs_BxC, labels_B, scores_ok=True)
   return float(np.mean(probs.argmax(-1) == labels))
 
 
 def top_k_accuracy(probs_BxC, labels_B, *, k: int) -> float:
-  probs, labels = _check(probs_BxC, labels_B)
+  """Fraction of rows whose label is among the k highest scores (any scores)."""
+  probs, labels = _check(probs_BxC, labels_B, scores_ok=True)
   topk = np.argsort(-probs, axis=-1)[:, :k]
   return float(np.mean((topk == labels[:, None]).any(-1)))
 

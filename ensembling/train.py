@@ -282,38 +282,42 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   t0 = time.time()
   if eval_at_start and start == int(start_step) and not history:
     evaluate(start, {})
-  for step in range(start, num_steps):
-    batch = batch_fn(step)
-    if k is not None:
-      batch = members.shard_members(batch)
-    state, m = step_fn(state, batch, key_of(step))
-    loss = np.asarray(m["loss"])
-    if not np.isfinite(loss).all():
-      raise _non_finite(loss, batch, step, k, schedule, state, restored_from)
-    if step == 0:
-      initial_loss = loss
-    window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
-              "count": window["count"] + 1}
-    if on_step is not None:
-      extra = on_step(step, state, extra)
-    done = step + 1
-    bar.update(1)
-    is_last = done == num_steps
-    if (eval_every and done % eval_every == 0) or is_last:
-      train_m = {n: v / max(int(window["count"]), 1) for n, v in window["sum"].items()}
-      window = {"sum": jax.tree.map(np.zeros_like, window["sum"]), "count": np.zeros((), np.int32)}
-      eval_m = evaluate(done, train_m)
-      shown = eval_m.get("accuracy", train_m.get("accuracy"))
-      post = {"loss": f"{np.mean(train_m['loss']):.3f}"}
-      if shown is not None:
-        post["acc"] = f"{np.mean(shown):.3f}"
-      bar.set_postfix(**post)
-      if not show_progress(progress) and progress:
-        log.info("%s: step %d/%d %s", desc, done, num_steps,
-                 " ".join(f"{n}={v}" for n, v in post.items()))
-    if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
-      checkpoint.save(mgr, done, {"state": state, "extra": extra, "window": window})
-  bar.close()
+  try:
+    for step in range(start, num_steps):
+      batch = batch_fn(step)
+      if k is not None:
+        batch = members.shard_members(batch)
+      state, m = step_fn(state, batch, key_of(step))
+      loss = np.asarray(m["loss"])
+      if not np.isfinite(loss).all():
+        raise _non_finite(loss, batch, step, k, schedule, state, restored_from)
+      if step == 0:
+        initial_loss = loss
+      window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
+                "count": window["count"] + 1}
+      if on_step is not None:
+        extra = on_step(step, state, extra)
+      done = step + 1
+      bar.update(1)
+      is_last = done == num_steps
+      if (eval_every and done % eval_every == 0) or is_last:
+        train_m = {n: v / max(int(window["count"]), 1) for n, v in window["sum"].items()}
+        window = {"sum": jax.tree.map(np.zeros_like, window["sum"]), "count": np.zeros((), np.int32)}
+        eval_m = evaluate(done, train_m)
+        shown = eval_m.get("accuracy", train_m.get("accuracy"))
+        post = {"loss": f"{np.mean(train_m['loss']):.3f}"}
+        if shown is not None:
+          post["acc"] = f"{np.mean(shown):.3f}"
+        bar.set_postfix(**post)
+        if not show_progress(progress) and progress:
+          log.info("%s: step %d/%d %s", desc, done, num_steps,
+                   " ".join(f"{n}={v}" for n, v in post.items()))
+      if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
+        checkpoint.save(mgr, done, {"state": state, "extra": extra, "window": window})
+  finally:
+    bar.close()
+    if mgr is not None:
+      mgr.close()
   log.info("%s: %d steps in %.1fs", desc, max(num_steps - start, 0), time.time() - t0)
   if best_by and best is not None:
     state = best[1]

@@ -14,7 +14,7 @@ import numpy as np
 
 from ensembling import configlib, data, losses, members, models, shared_head, train
 from ensembling import tree as tree_lib
-from ensembling.data.images import resize
+from ensembling.data import resize
 
 
 def _train(config, spec, x, y, eval_data, *, seed: int, workdir: str):

@@ -88,3 +88,25 @@ def test_list_shows_every_config_with_its_args():
     if name.endswith(".py"):
       assert f"configs/{name}" in res.stdout
   assert ":args  preset='digits', arch='mlp', members=8" in res.stdout
+
+
+def test_trajectory_runlocal(tmp_path):
+  from configs import starsse
+  config = starsse.get_config("preset=digits,runlocal,methods=swa+starsse")
+  res = main.run_experiment(config, str(tmp_path))
+  for f in ("results.md", "results.json", "trajectory.png", "disagreement_starsse.png",
+            "swa/run/metrics.jsonl", "starsse/star/metrics.jsonl"):
+    assert os.path.exists(tmp_path / f), f
+  swa = res["methods"]["swa"]
+  assert set(swa) == {"end point (single model)", "SWA (BN recalibrated)",
+                      "SWA, no recalibration: last iterate's BN stats",
+                      "SWA, no recalibration: averaged BN stats"}
+  assert all(len(r["per_seed"]) == config.members for m in res["methods"].values()
+             for r in m.values())
+  # The star phase trains (M - 1) copies of every seed as one member axis.
+  recs = [json.loads(l) for l in open(tmp_path / "starsse" / "star" / "metrics.jsonl")]
+  assert {r["member"] for r in recs} == set(range(config.members * (config.traj.num_cycles - 1)))
+  # One seed's row mean is that seed's value: the summary is the mean of the per-seed rows.
+  row = res["methods"]["starsse"]["ensemble of 2 snapshots"]
+  assert row["summary"]["accuracy"] == pytest.approx(
+      sum(r["accuracy"] for r in row["per_seed"]) / len(row["per_seed"]))

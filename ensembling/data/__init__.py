@@ -3,8 +3,8 @@
 from ensembling.data.core import (Splits, check_data_config, check_labels, load,
                                   member_batch_indices, num_steps_per_epoch, split_classes,
                                   validation_count)
-from ensembling.data.images import load_digits, load_idx_directory, read_idx
+from ensembling.data.images import load_digits, load_idx_directory, read_idx, resize
 
 __all__ = ["Splits", "check_data_config", "check_labels", "load", "member_batch_indices",
            "num_steps_per_epoch", "split_classes", "validation_count", "load_digits",
-           "load_idx_directory", "read_idx"]
+           "load_idx_directory", "read_idx", "resize"]
