@@ -50,9 +50,16 @@ def checksum(tree: PyTree) -> str:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, tree: PyTree, *, wait: bool = True) -> None:
-  """Saves `tree` and its checksum as checkpoint `step` (orbax prunes the oldest)."""
-  tree = jax.device_get(tree)
-  meta = {"format": FORMAT, "sha256": checksum(tree), "step": int(step)}
+  """Saves `tree` and its checksum as checkpoint `step` (orbax prunes the oldest).
+
+  Under `jax.distributed` every process calls this with the same (global) tree; orbax
+  writes it collectively and every process computes the same checksum.
+  """
+  from ensembling import distributed
+  host = distributed.to_host(tree)
+  if jax.process_count() == 1:
+    tree = host
+  meta = {"format": FORMAT, "sha256": checksum(host), "step": int(step)}
   mgr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
                                               meta=ocp.args.JsonSave(meta)), force=True)
   if wait:
@@ -92,7 +99,8 @@ def restore(mgr: ocp.CheckpointManager, target: PyTree, *, step: int | None = No
                           f"{_first_line(e)}") from e
   if not isinstance(meta, dict) or "sha256" not in meta:
     raise CheckpointError(f"Checkpoint {path} has no checksum (meta: {meta!r}).")
-  got = checksum(tree)
+  from ensembling import distributed
+  got = checksum(distributed.to_host(tree))
   if got != meta["sha256"]:
     raise CheckpointError(f"Checkpoint {path} fails verification: its arrays' SHA-256 is "
                           f"{got[:16]}..., the one written with it {meta['sha256'][:16]}....")
@@ -101,11 +109,14 @@ def restore(mgr: ocp.CheckpointManager, target: PyTree, *, step: int | None = No
 
 def quarantine(mgr: ocp.CheckpointManager, step: int) -> str:
   """Moves checkpoint `step` aside (`<step>.corrupt-<n>`), out of orbax's sight; its new path."""
+  from ensembling import distributed
   path = step_path(mgr, step)
   n = 0
   while os.path.exists(f"{path}.corrupt-{n}"):
     n += 1
-  os.rename(path, f"{path}.corrupt-{n}")
+  if distributed.is_primary():
+    os.rename(path, f"{path}.corrupt-{n}")
+  distributed.barrier(f"quarantine-{step}-{n}")
   mgr.reload()
   return f"{path}.corrupt-{n}"
 

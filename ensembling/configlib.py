@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0    # 0: once per epoch
   c.eval_batch_size = 1000
   c.progress = True               # tqdm bars (on a terminal only)
+  c.distributed = ml_collections.ConfigDict(dict(
+      coordinator="",             # host:port of process 0 (unset: a single process)
+      num_processes=1,            # N processes form one jax.distributed runtime
+      process_id=0,               # this process, in [0, N)
+      timeout=60,                 # seconds to wait for the others, then an error
+  ))
   c.data = ml_collections.ConfigDict(dict(
       name="digits",              # digits | fashion_mnist | mnist | a tfds name
       source="",                  # "" (by name) | builtin | idx | tfds
@@ -117,6 +123,24 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 # --------------------------------------------------------------------------- config -> kwargs
+
+def start_processes(config) -> None:
+  """`distributed.initialize` from `config.distributed` (nothing for a single process).
+
+  After it, the member count must divide over every process's devices.
+  """
+  import jax
+  from ensembling import distributed
+  d = config.get("distributed")
+  if d is None or int(d.num_processes) == 1:
+    return
+  distributed.initialize(coordinator=d.coordinator, num_processes=int(d.num_processes),
+                         process_id=int(d.process_id), timeout=int(d.timeout))
+  if int(config.members) % jax.device_count():
+    raise ValueError(f"members={config.members} do not divide over the {jax.device_count()} "
+                     f"devices of {d.num_processes} processes; use a multiple of "
+                     f"{jax.device_count()}.")
+
 
 def load_data(config) -> data.Splits:
   """The `config.data` splits (seeded by `config.seed`)."""
@@ -288,6 +312,7 @@ def _plain(value):
 NON_RESULT_FIELDS = (      # may differ between a run and its resumption: they cannot change results
     "progress",            # progress bars
     "eval_batch_size",     # inference chunk size
+    "distributed",         # how many processes share the work (each has its own process_id)
 )
 PER_MEMBER_FIELDS = ("optim.lr_scale", "optim.weight_decay")  # a number or one per member
 
@@ -362,6 +387,14 @@ def validate(config) -> None:
       if isinstance(v, tuple) and isinstance(k, int):
         need(len(v) == k, f"{field} has {len(v)} values for {k} members; give one value or "
                           "one per member")
+  if "distributed" in config:
+    from ensembling import distributed
+    d = config.distributed
+    try:
+      distributed.check_settings(coordinator=d.coordinator, num_processes=d.num_processes,
+                                 process_id=d.process_id)
+    except ValueError as e:
+      problems.append(str(e))
   if "data" in config:
     try:
       data.check_data_config(config.data.to_dict())

@@ -284,6 +284,9 @@ def predict(model, variables_K: PyTree, x: np.ndarray, *, batch_size: int = 1000
     NumPy logits (K, N, C), or (logits, features (K, N, D)).
   """
   variables_K = variables_of(variables_K)
+  if jax.process_count() > 1:  # sharded over processes: every process predicts all members
+    from ensembling import distributed
+    variables_K = distributed.to_host(variables_K)
   k = tree_lib.num_members(variables_K)
   strategy = resolve_strategy(strategy, variables_K["params"])
   fwd = _predict_fn(as_model(model), with_features, strategy, k)
@@ -324,20 +327,33 @@ def shard_members(tree: PyTree, mesh: Mesh | None = None, *, axis: int = 0) -> P
   """Places `tree` with its member axis (`axis`) split across the mesh's devices.
 
   With one device this is a no-op. The member count must be divisible by the number
-  of devices.
+  of devices. Under `jax.distributed` the mesh spans every process's devices and each
+  process places only the slices of its own members (`jax.make_array_from_callback`);
+  every process must pass the same values (ours are deterministic in the seed and step).
   """
   mesh = mesh or member_mesh()
   ndev = mesh.devices.size
   if ndev == 1:
     return tree
+  multi = jax.process_count() > 1
 
   def put(x):
-    x = jnp.asarray(x)
-    if x.ndim <= axis or x.shape[axis] % ndev:
-      raise ValueError(f"Cannot shard a leaf of shape {x.shape} over {ndev} devices on "
+    if multi and isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already global
+    shape = np.shape(x)
+    if len(shape) <= axis or shape[axis] % ndev:
+      raise ValueError(f"Cannot shard a leaf of shape {shape} over {ndev} devices on "
                        f"axis {axis}: members must be a multiple of the device count.")
-    spec = P(*([None] * axis + [MEMBER_AXIS]))
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    sharding = NamedSharding(mesh, P(*([None] * axis + [MEMBER_AXIS])))
+    if not multi:
+      return jax.device_put(jnp.asarray(x), sharding)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      data = np.asarray(jax.random.key_data(x))
+      global_data = jax.make_array_from_callback(data.shape, NamedSharding(
+          mesh, P(*([None] * axis + [MEMBER_AXIS]))), lambda idx: data[idx])
+      return jax.random.wrap_key_data(global_data, impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
   return jax.tree.map(put, tree)
 

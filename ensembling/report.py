@@ -87,6 +87,9 @@ def ensemble_rows(report: Mapping[str, Any]) -> list[tuple[str, Mapping[str, flo
 
 
 def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON (NumPy values made plain); only process 0 writes."""
+  if not _primary():
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, default=_to_builtin)
@@ -100,6 +103,11 @@ def _to_builtin(x):
   raise TypeError(f"Not JSON serialisable: {type(x)}")
 
 
+def _primary() -> bool:
+  from ensembling import distributed
+  return distributed.is_primary()
+
+
 def _pyplot():
   import matplotlib
   matplotlib.use("Agg")
@@ -109,6 +117,8 @@ def _pyplot():
 
 def plot_curve(path: str, xs, ys_by_label: Mapping[str, Sequence[float]], *, xlabel: str,
                ylabel: str, title: str = "") -> None:
+  if not _primary():  # one process writes the plots
+    return
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for label, ys in ys_by_label.items():
@@ -130,6 +140,8 @@ def plot_curve(path: str, xs, ys_by_label: Mapping[str, Sequence[float]], *, xla
 
 def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
                 labels: Sequence[str] | None = None) -> None:
+  if not _primary():  # one process writes the plots
+    return
   plt = _pyplot()
   m = np.asarray(matrix)
   fig, ax = plt.subplots(figsize=(4.5, 4))

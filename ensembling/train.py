@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ensembling import checkpoint, data, ensemble, losses, members, metrics, optim
+from ensembling import checkpoint, data, distributed, ensemble, losses, members, metrics, optim
 from ensembling import tree as tree_lib
 from ensembling.models.contract import as_model
 
@@ -223,6 +223,8 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
             "count": np.zeros((), np.int32)}
   mgr, start, restored_from = None, int(start_step), None
   metrics_path = os.path.join(workdir, "metrics.jsonl") if workdir else None
+  if not distributed.is_primary():
+    metrics_path = None  # process 0 writes the records; every process keeps them
   history: list[dict] = []
   best = None
   if workdir:
@@ -235,8 +237,9 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
       state, extra, window = tree["state"], tree["extra"], tree["window"]
       start = restored_from
       log.info("%s: resumed from step %d", desc, start)
-      history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
-      _write_jsonl(metrics_path, history)
+      if metrics_path:
+        history = [r for r in _read_jsonl(metrics_path) if r["step"] <= start]
+        _write_jsonl(metrics_path, history)
     elif metrics_path and os.path.exists(metrics_path):
       os.remove(metrics_path)
   if k is not None:
@@ -287,7 +290,11 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
       batch = batch_fn(step)
       if k is not None:
         batch = members.shard_members(batch)
-      state, m = step_fn(state, batch, key_of(step))
+      keys_t = key_of(step)
+      if k is not None:
+        keys_t = members.shard_members(keys_t)
+      state, m = step_fn(state, batch, keys_t)
+      m = distributed.to_host(m)
       loss = np.asarray(m["loss"])
       if not np.isfinite(loss).all():
         raise _non_finite(loss, batch, step, k, schedule, state, restored_from)

@@ -13,6 +13,7 @@ from what `run` returns. An experiment's `run(config, workdir)` returns
 `(results, markdown)` and writes only its own plots and logs.
 """
 
+import contextlib
 import difflib
 import glob
 import importlib
@@ -22,7 +23,7 @@ import logging
 import os
 import sys
 
-from ensembling import configlib, report, workdir as workdir_lib
+from ensembling import configlib, distributed, report, workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -45,18 +46,29 @@ def experiment_module(name: str):
 
 
 def run_experiment(config, workdir: str, *, restart: bool = False) -> dict:
-  """Validates `config`, claims `workdir` for it, runs it, writes its outputs."""
+  """Validates `config`, claims `workdir` for it, runs it, writes its outputs.
+
+  With `config.distributed` set, every process runs this; process 0 holds the workdir's
+  lock and fingerprint and writes its files, the others compute alongside it.
+  """
   module = experiment_module(config.experiment)
   configlib.validate(config)
   if hasattr(module, "validate"):
     module.validate(config)
-  with workdir_lib.claim(workdir, fields=configlib.result_fields(config), restart=restart):
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  configlib.start_processes(config)
+  primary = distributed.is_primary()
+  claim = (workdir_lib.claim(workdir, fields=configlib.result_fields(config), restart=restart)
+           if primary else contextlib.nullcontext(workdir))
+  with claim:
+    distributed.barrier("workdir claimed")
+    if primary:
+      with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
     results, markdown = module.run(config, workdir)
-    report.write_json(os.path.join(workdir, "results.json"), results)
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(markdown)
+    if primary:
+      report.write_json(os.path.join(workdir, "results.json"), results)
+      with open(os.path.join(workdir, "results.md"), "w") as f:
+        f.write(markdown)
   logging.info("Results (%s):\n%s", workdir, markdown)
   return results
 
@@ -179,7 +191,8 @@ def main(argv=None) -> int:
         config[block][name] = value
     try:
       run_experiment(config, flags.FLAGS.workdir, restart=restart)
-    except (workdir_lib.WorkdirError, ValueError) as e:  # the user's to fix: no traceback
+    except (workdir_lib.WorkdirError, distributed.DistributedError, ValueError) as e:
+      # the user's to fix: no traceback
       if os.environ.get("ENSEMBLING_TRACEBACK"):
         raise
       print(f"error: {e}", file=sys.stderr)
