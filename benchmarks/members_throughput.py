@@ -145,7 +145,7 @@ def main(argv=None):
   runners, states, compile_s = {}, {}, {}
   for name in names:
     strategy = auto if name == "auto" else name
-    step = members.ensemble_step(apply_fn=model.apply, tx=tx, num_members=k,
+    step = members.ensemble_step(model=model, tx=tx, num_members=k,
                                  strategy=strategy)
     state = jax.tree.map(jnp.copy, state0_K)
     t0 = time.perf_counter()
@@ -155,7 +155,7 @@ def main(argv=None):
     runners[name], states[name] = step, state
 
   # The baseline: K separately held states, one jitted one-member step each.
-  one = jax.jit(functools.partial(members.train_step, apply_fn=model.apply, tx=tx),
+  one = jax.jit(functools.partial(members.train_step, model=model, tx=tx),
                 donate_argnums=0)
   loop_states = [jax.tree.map(jnp.copy, s) for s in tree_lib.unstack(state0_K)]
   loop_batches = [{"x": x_K[i], "y": y_K[i]} for i in range(k)]
