@@ -91,16 +91,12 @@ def make_simcse_batch_fn(sentences: Sequence[str], tokenizer, *, seed: int, batc
     raise ValueError(f"Need at least batch_size={batch_size} sentences, got {len(sentences)}.")
   sentences = list(sentences)
   ids_all = bert.tokenize(tokenizer, sentences, max_length=max_length)
-  steps_per_epoch = data.num_steps_per_epoch(len(sentences), batch_size)
-  cache: dict[int, np.ndarray] = {}
+  indices, steps_per_epoch = data.batch_indices_fn(seed, num_examples=len(sentences),
+                                                   batch_size=batch_size,
+                                                   num_members=num_members)
 
   def batch_fn(step: int) -> dict:
-    epoch, s = divmod(int(step), steps_per_epoch)
-    if epoch not in cache:
-      cache.clear()
-      cache[epoch] = data.member_batch_indices(seed, epoch, num_examples=len(sentences),
-                                               batch_size=batch_size, num_members=num_members)
-    idx = cache[epoch][s]  # (K, B)
+    idx = indices(step)  # (K, B)
     a = ids_all[idx]
     if augmentation == "dropout":
       return {"a": a, "b": a}

@@ -58,16 +58,11 @@ def make_batch_fn(x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
   if len(x) != len(y):
     raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
   k = 1 if num_members is None else members.check_num_members(num_members)
-  steps_per_epoch = data.num_steps_per_epoch(len(x), batch_size)
-  cache: dict[int, np.ndarray] = {}
+  indices, steps_per_epoch = data.batch_indices_fn(seed, num_examples=len(x),
+                                                   batch_size=batch_size, num_members=k)
 
   def batch_fn(step: int) -> dict:
-    epoch, s = divmod(int(step), steps_per_epoch)
-    if epoch not in cache:
-      cache.clear()
-      cache[epoch] = data.member_batch_indices(seed, epoch, num_examples=len(x),
-                                               batch_size=batch_size, num_members=k)
-    idx = cache[epoch][s] if num_members is not None else cache[epoch][s, 0]
+    idx = indices(step) if num_members is not None else indices(step)[0]
     return {"x": x[idx], "y": y[idx]}
 
   return batch_fn, steps_per_epoch

@@ -209,6 +209,27 @@ def num_steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return steps
 
 
+def batch_indices_fn(seed: int, *, num_examples: int, batch_size: int, num_members: int):
+  """(`indices(step) -> (K, batch_size)` example indices, steps per epoch).
+
+  Step t reads row t mod S of epoch t // S's `member_batch_indices`: a pure function of
+  the step (one epoch's orders are computed once and cached), so a resumed run sees the
+  same batches.
+  """
+  steps_per_epoch = num_steps_per_epoch(num_examples, batch_size)
+  cache: dict[int, np.ndarray] = {}
+
+  def indices(step: int) -> np.ndarray:
+    epoch, s = divmod(int(step), steps_per_epoch)
+    if epoch not in cache:
+      cache.clear()
+      cache[epoch] = member_batch_indices(seed, epoch, num_examples=num_examples,
+                                          batch_size=batch_size, num_members=num_members)
+    return cache[epoch][s]
+
+  return indices, steps_per_epoch
+
+
 def member_batch_indices(seed: int, epoch: int, *, num_examples: int, batch_size: int,
                          num_members: int) -> np.ndarray:
   """Per-member shuffled batch indices for one epoch, shape (steps, K, batch_size).
