@@ -200,3 +200,29 @@ def seed_table(results: Mapping[str, Mapping[str, Sequence[Mapping]]],
       cells = [seed_cell(s, c, len(per_seed)) for c in columns]
       body += f"| {group} | {row} | " + " | ".join(cells) + " |\n"
   return head + body
+
+
+# --------------------------------------------------------------------------- tables of cells
+# (added with the soups / SuperNet launchers, issue 13)
+
+def cell(value, *, digits: int = 4) -> str:
+  """One table cell: floats with `digits` decimals, None as '-', anything else as str."""
+  if value is None:
+    return "-"
+  if isinstance(value, (float, np.floating)):
+    return f"{value:.{digits}f}"
+  return str(value)
+
+
+def cells_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], *,
+                digits: int = 4) -> str:
+  """A Markdown table from a header and rows of cells (see `cell`).
+
+  >>> print(cells_table(["", "acc"], [["a", 0.5], ["b", None]]), end="")
+  |  | acc |
+  |---|---|
+  | a | 0.5000 |
+  | b | - |
+  """
+  line = lambda cells: "| " + " | ".join(cell(c, digits=digits) for c in cells) + " |\n"
+  return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line(r) for r in rows)

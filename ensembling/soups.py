@@ -28,6 +28,13 @@ compute bound and speculation re-does work after each acceptance), so the defaul
 
 Soups of models with BatchNorm must recompute the batch statistics of the averaged
 weights; do that inside `eval_fn` (and again for the returned soup).
+
+Around the recipes: `compare_soups` makes every soup of one set of ingredients (what the
+soups experiment tabulates), `accuracy_fn` / `temperature_loss_fn` / `held_out_batches`
+build its scores from any model of the contract (`models.as_model`), and
+`random_hyperparams` / `finetune_state` / `finetune_step` fine-tune K ingredients from one
+model in one member-parallel run, each with its own learning rate, weight decay, number
+of steps and augmentation (seed 002).
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import optim, train
+from ensembling import losses, members, optim, train
 from ensembling import tree as tree_lib
+from ensembling.data import augment
+from ensembling.models.contract import as_model
 
 PyTree = Any
 EVALUATIONS = ("auto", "vmap", "loop", "python")
@@ -438,3 +447,273 @@ def learned_soup(ingredients: PyTree | Sequence[PyTree], loss_fn: Callable,
                     ((tuple(valid.tolist()), score, True),) if eval_fn else (),
                     {"temperature": float(jnp.exp(coef["b"])), "losses": losses,
                      "effective_ingredients": eff})
+
+
+# --------------------------------------------------------------------------- scoring helpers
+
+def accuracy_fn(model, x, y) -> Callable[[PyTree], jax.Array]:
+  """A traceable `params -> accuracy` of `model` on (x, y): an `eval_fn` for the soups.
+
+  Args:
+    model: anything `models.as_model` accepts (without BatchNorm: a soup of BN models
+      needs its statistics recomputed, see the module docstring).
+    x, y: the held-out inputs and labels (moved to the device once).
+
+  Returns:
+    `params -> scalar` accuracy in inference mode.
+
+  >>> import jax, numpy as np, flax.linen as nn
+  >>> net = nn.Dense(2)
+  >>> x = np.ones((4, 3), np.float32)
+  >>> p = net.init(jax.random.key(0), x)["params"]
+  >>> float(accuracy_fn(net, x, np.argmax(net.apply({"params": p}, x), -1))(p))
+  1.0
+  """
+  m = as_model(model)
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+
+  def score(params):
+    out, _ = m.apply({"params": params}, xj, train=False)
+    return jnp.mean(jnp.argmax(out.logits, -1) == yj)
+  return score
+
+
+def loss_accuracy_fn(model, x, y) -> Callable[[PyTree], dict[str, float]]:
+  """`params -> {"loss", "accuracy"}` of `model` on (x, y), as Python floats.
+
+  For curves along weight space (`align.interpolation_curve`, `align.barrier`): the
+  forward pass is jitted, the mean cross-entropy and accuracy computed from its logits.
+
+  Args:
+    model: anything `models.as_model` accepts.
+    x, y: the evaluation inputs and labels.
+
+  Returns:
+    The evaluation function (inference mode; not traceable: it returns floats).
+  """
+  m = as_model(model)
+  xj, yj = jnp.asarray(x), jnp.asarray(y)
+  forward = jax.jit(lambda p: m.apply({"params": p}, xj, train=False)[0].logits)
+
+  def evaluate(params):
+    logits = forward(params)
+    return {"loss": float(losses.softmax_cross_entropy(logits, yj)),
+            "accuracy": float(jnp.mean(jnp.argmax(logits, -1) == yj))}
+  return evaluate
+
+
+def temperature_loss_fn(model, *, loss: Callable = losses.softmax_cross_entropy) -> Callable:
+  """`(params, batch, temperature) -> loss(temperature * logits, y)`: `learned_soup`'s loss.
+
+  Args:
+    model: anything `models.as_model` accepts.
+    loss: `(logits, labels) -> scalar`.
+
+  Returns:
+    The loss function of `{"x", "y"}` batches (inference mode).
+  """
+  m = as_model(model)
+
+  def loss_fn(params, batch, temperature):
+    out, _ = m.apply({"params": params}, batch["x"], train=False)
+    return loss(temperature * out.logits, batch["y"])
+  return loss_fn
+
+
+def held_out_batches(x, y, *, batch_size: int) -> list[dict[str, jax.Array]]:
+  """(x, y) cut into `{"x", "y"}` batches of `batch_size` (the remainder is dropped; with
+  fewer than `batch_size` examples, one batch of all of them).
+
+  >>> [b["x"].shape[0] for b in held_out_batches(np.zeros((7, 2)), np.zeros(7), batch_size=3)]
+  [3, 3]
+  """
+  n = max(1, len(x) // int(batch_size))
+  cut = lambda a, i: jnp.asarray(a[i * batch_size:(i + 1) * batch_size])
+  return [{"x": cut(x, i), "y": cut(y, i)} for i in range(n)]
+
+
+# --------------------------------------------------------------------------- every soup at once
+
+SOUPS = {  # compare_soups' names -> table labels ({n}: the number of random orders)
+    "uniform": "uniform soup", "greedy_random": "greedy soup (random, mean of {n})",
+    "greedy_sorted": "greedy soup (sorted)", "pruned_random": "pruned soup (random, mean of {n})",
+    "pruned_sorted": "pruned soup (sorted)", "learned_global": "learned soup (global)",
+    "learned_per_layer": "learned soup (per layer)"}
+
+
+def compare_soups(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
+                  passes: int = 1, random_orders: int = 1, loss_fn: Callable | None = None,
+                  batches: Sequence[PyTree] | Callable[[int], PyTree] | None = None,
+                  learned_steps: int = 0, learned_lr: float = 0.05,
+                  evaluation: str = "auto", batch_size: int | None = None
+                  ) -> dict[str, list[SoupResult]]:
+  """Every soup of the same ingredients, selected on the same held-out score.
+
+  Uniform; greedy in `random_orders` random orders (keys 0, 1, ...) and sorted by
+  held-out score; pruned (`passes`) in the same random orders and sorted; and, with
+  `learned_steps` and a `loss_fn`, learned soups with global and per-layer coefficients.
+
+  Args:
+    ingredients: list of pytrees, or one stacked pytree (member axis first).
+    eval_fn: `params -> scalar` held-out score, higher is better (see `accuracy_fn`).
+    passes: the pruned soups' maximum number of passes.
+    random_orders: how many random orders the random greedy / pruned soups use.
+    loss_fn: the learned soups' `(params, batch, temperature) -> loss`
+      (`temperature_loss_fn`).
+    batches: the learned soups' held-out batches (`held_out_batches`).
+    learned_steps: Adam steps of each learned soup (0: no learned soups).
+    learned_lr: their learning rate.
+    evaluation, batch_size: how candidates are scored (see `greedy_soup`).
+
+  Returns:
+    {name: [SoupResult, ...]} in the order of `SOUPS` (one result per random order, one
+    otherwise); the greedy results carry every ingredient's `individual_scores`.
+
+  >>> import numpy as np
+  >>> ings = [{"w": np.full(2, v, np.float32)} for v in (1.0, 3.0)]
+  >>> res = compare_soups(ings, lambda p: -abs(p["w"][0] - 2.0), evaluation="python")
+  >>> res["uniform"][0].params["w"].tolist(), res["greedy_sorted"][0].indices
+  ([2.0, 2.0], (0, 1))
+  """
+  kw = dict(evaluation=evaluation, batch_size=batch_size)
+  orders = range(int(random_orders))
+  out = {
+      "uniform": [uniform_soup(ingredients, eval_fn)],
+      "greedy_random": [greedy_soup(ingredients, eval_fn, order="random", key=s, **kw)
+                        for s in orders],
+      "greedy_sorted": [greedy_soup(ingredients, eval_fn, order="sorted", **kw)],
+      "pruned_random": [pruned_soup(ingredients, eval_fn, passes=passes, order="random", key=s,
+                                    **kw) for s in orders],
+      "pruned_sorted": [pruned_soup(ingredients, eval_fn, passes=passes, order="sorted", **kw)],
+  }
+  if learned_steps:
+    if loss_fn is None or batches is None:
+      raise ValueError("learned soups (learned_steps > 0) need a loss_fn and batches.")
+    for name, per_layer in (("learned_global", False), ("learned_per_layer", True)):
+      out[name] = [learned_soup(ingredients, loss_fn, batches, steps=int(learned_steps),
+                                learning_rate=learned_lr, per_layer=per_layer,
+                                eval_fn=eval_fn)]
+  return out
+
+
+# --------------------------------------------------------------------------- fine-tuned ingredients
+
+HYPERPARAMS = ("lr", "steps", "shift", "flip")  # what `finetune_step` reads from state["hp"]
+
+
+def random_hyperparams(num: int, *, steps_per_epoch: int, max_epochs: int,
+                       lr_range: tuple[float, float], wd_range: tuple[float, float],
+                       max_shift: int, seed: int) -> dict[str, np.ndarray]:
+  """Fine-tuning hyperparameters for `num` ingredients, drawn as in seed 002.
+
+  Log-uniform peak learning rate and weight decay, epochs uniform in 1..max_epochs,
+  a shift bound uniform in 0..max_shift and a coin-flip for horizontal flips, all from
+  `np.random.default_rng(seed)` (in the order: epochs, lr, weight_decay, shift, flip).
+
+  Args:
+    num: K ingredients.
+    steps_per_epoch: turns epochs into `steps`.
+    max_epochs: the largest number of epochs an ingredient draws.
+    lr_range, wd_range: (low, high) of the log-uniform draws.
+    max_shift: the largest shift bound (pixels).
+    seed: the draws' seed.
+
+  Returns:
+    {"lr", "weight_decay" (float32), "epochs", "steps", "shift" (int32), "flip" (bool)},
+    each of shape (K,).
+
+  >>> hp = random_hyperparams(3, steps_per_epoch=10, max_epochs=2, lr_range=(0.01, 0.1),
+  ...                         wd_range=(1e-5, 1e-3), max_shift=2, seed=0)
+  >>> bool(np.all(hp["steps"] == 10 * hp["epochs"])), sorted(hp)
+  (True, ['epochs', 'flip', 'lr', 'shift', 'steps', 'weight_decay'])
+  """
+  rng = np.random.default_rng(seed)
+  loguni = lambda lo, hi: np.exp(rng.uniform(np.log(lo), np.log(hi), num)).astype(np.float32)
+  epochs = rng.integers(1, int(max_epochs) + 1, num)
+  return {"lr": loguni(*lr_range), "weight_decay": loguni(*wd_range),
+          "epochs": epochs.astype(np.int32),
+          "steps": (epochs * int(steps_per_epoch)).astype(np.int32),
+          "shift": rng.integers(0, int(max_shift) + 1, num).astype(np.int32),
+          "flip": rng.random(num) < 0.5}
+
+
+def finetune_state(variables: PyTree, hyperparams: dict[str, Any], *,
+                   tx: optax.GradientTransformation) -> dict:
+  """K members starting from one model, each with its own fine-tuning hyperparameters.
+
+  Args:
+    variables: one model's variables ({"params", "batch_stats"?}), copied to every member.
+    hyperparams: (K,) arrays: `HYPERPARAMS` (read by `finetune_step`) and optionally
+      "weight_decay" (written into the optimizer state).
+    tx: an `optim.make_optimizer` transformation with `learning_rate=1.0`: the step's
+      rate is its `lr_scale`, set by `finetune_step`.
+
+  Returns:
+    The stacked member state (`members.init_states`) with an "hp" entry.
+  """
+  k = len(np.asarray(hyperparams["lr"]))
+  state = members.init_states(tree_lib.broadcast(dict(variables), k), tx)
+  if "weight_decay" in hyperparams:
+    state["opt_state"] = optim.set_hyperparams(state["opt_state"],
+                                               weight_decay=hyperparams["weight_decay"])
+  state["hp"] = {n: jnp.asarray(hyperparams[n]) for n in HYPERPARAMS}
+  return state
+
+
+def finetune_step(state, batch, key, *, model, tx: optax.GradientTransformation,
+                  loss_fn: Callable = losses.softmax_cross_entropy):
+  """One member's fine-tuning step with its own hyperparameters (`state["hp"]`).
+
+  The rate is `hp["lr"]` cosine-decayed to 0 over `hp["steps"]` steps (and 0 after);
+  the batch is augmented with `data.augment.random_shift_flip(max_shift=hp["shift"],
+  flip=hp["flip"])`. Use it as `step_fn` of `members.ensemble_step` / `train.fit_members`
+  on a `finetune_state`.
+
+  Args:
+    state: one member's state with "hp" (see `finetune_state`).
+    batch: {"x": images (B, H, W, C), "y": (B,)}.
+    key: PRNG key (split into augmentation and dropout keys).
+    model: anything `models.as_model` accepts.
+    tx: the optimizer the state was made with (`lr_scale` injected).
+    loss_fn: `(logits, labels) -> scalar`.
+
+  Returns:
+    (new state, metrics) as `members.train_step`.
+  """
+  hp = state["hp"]
+  frac = jnp.minimum(state["step"].astype(jnp.float32) / hp["steps"].astype(jnp.float32), 1.0)
+  scale = hp["lr"] * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  opt_state = optim.set_hyperparams(state["opt_state"], lr_scale=scale)
+  akey, dkey = jax.random.split(key)
+  x = augment.random_shift_flip(akey, batch["x"], max_shift=hp["shift"], flip=hp["flip"])
+  return members.train_step({**state, "opt_state": opt_state}, {**batch, "x": x}, dkey,
+                            model=model, tx=tx, loss_fn=loss_fn)
+
+
+def finetune(model, variables: PyTree, x, y, *, hyperparams: dict[str, Any], num_steps: int,
+             batch_size: int, seed: int, momentum: float = 0.9, **fit_kwargs
+             ) -> train.TrainResult:
+  """K ingredients fine-tuned from one model in one member-parallel run (seed 002).
+
+  SGD with momentum; member k's rate, weight decay, steps and augmentation come from
+  `hyperparams` (e.g. `random_hyperparams`), through `finetune_state` and `finetune_step`.
+
+  Args:
+    model: anything `models.as_model` accepts (image inputs: the step augments them).
+    variables: the pre-trained model's variables ({"params", ...}), shared start point.
+    x, y: training data (member k sees its own order, `train.make_batch_fn(seed=seed)`).
+    hyperparams: (K,) arrays "lr", "steps", "shift", "flip" and optionally "weight_decay".
+    num_steps: steps to run (at least the largest `hyperparams["steps"]`; after its own
+      steps a member's rate is 0).
+    batch_size: per member.
+    seed: data order and dropout / augmentation keys (`key(seed + 1)`).
+    momentum: SGD momentum.
+    **fit_kwargs: passed to `train.fit_members` (workdir, eval_data, strategy, ...).
+
+  Returns:
+    The `train.TrainResult`; `result.state["params"]` are the K ingredients.
+  """
+  tx = optim.make_optimizer(name="sgd", learning_rate=1.0, momentum=momentum)  # rate: lr_scale
+  return train.fit_members(finetune_state(variables, hyperparams, tx=tx), model, x, y, tx=tx,
+                           num_steps=int(num_steps), batch_size=int(batch_size), seed=int(seed),
+                           step_fn=finetune_step, **fit_kwargs)

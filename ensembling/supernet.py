@@ -16,7 +16,10 @@ trains only a new dense softmax layer over them (K*D -> C). This module holds:
   multiply per batch inside one `lax.scan`);
 - the thesis's last-layer boost (`layerwise_boost`): retrain only the layers matching
   a list of path patterns, one stage at a time from the top (Table 3), frozen with
-  `optim.freeze`.
+  `optim.freeze`;
+- the partitioned networks' parameter counts (`mlp_params`, `supermodel_params`,
+  `equal_param_widths`, Table 8) and the time-to-accuracy bookkeeping of Tables 10/11
+  (`timed_epoch` on `train.fit`, `clock`, `time_to_accuracy`).
 
 Every function takes any model of the contract (`models.as_model`); members must expose
 features (return `Output`, or be Linen modules whose last `nn.Dense` reads them).
@@ -25,6 +28,7 @@ features (return `Output`, or be Linen modules whose last `nn.Dense` reads them)
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -511,4 +515,161 @@ def loss_quantiles(probs_NxC, labels_N, *, quantiles=(0.9, 0.95)) -> dict[str, f
          "loss_mean": float(loss.mean()), "loss_std": float(loss.std())}
   for q in quantiles:
     out[f"loss_p{int(round(q * 100))}"] = float(np.quantile(loss, q))
+  return out
+
+
+# --------------------------------------------------------------------------- parameter counts
+
+def mlp_params(in_dim: int, widths: Sequence[int], *, num_classes: int) -> int:
+  """Parameters (kernels and biases) of a dense `models.MLP(widths)` on `in_dim` inputs.
+
+  >>> mlp_params(784, (512, 512), num_classes=10)
+  669706
+  """
+  dims = [int(in_dim), *(int(w) for w in widths), int(num_classes)]
+  return int(sum(a * b + b for a, b in zip(dims[:-1], dims[1:])))
+
+
+def supermodel_params(in_dim: int, widths: Sequence[int], *, num_classes: int,
+                      parts: int) -> int:
+  """Parameters of a SuperModel: P members of `widths / P` and the SuperNet head over them.
+
+  The members' own heads are not counted (the SuperNet replaces them); the head has
+  P * (widths[-1] / P) * C weights and C biases.
+
+  Args:
+    in_dim: input size.
+    widths: the total neurons per hidden layer (each divisible by `parts`).
+    num_classes: C.
+    parts: P.
+
+  Returns:
+    The parameter count.
+
+  >>> supermodel_params(784, (512, 512), num_classes=10, parts=1)  # one member: the MLP
+  669706
+  >>> supermodel_params(784, (512, 512), num_classes=10, parts=2)
+  538634
+  """
+  if any(int(w) % int(parts) for w in widths):
+    raise ValueError(f"widths {tuple(widths)} are not divisible by parts={parts}.")
+  sub = [int(w) // int(parts) for w in widths]
+  body = mlp_params(in_dim, sub, num_classes=num_classes) - (sub[-1] * num_classes + num_classes)
+  return parts * body + parts * sub[-1] * num_classes + num_classes
+
+
+def equal_param_widths(in_dim: int, widths: Sequence[int], *, num_classes: int,
+                       target: int) -> tuple[int, ...]:
+  """`widths` scaled by one common factor so that the dense MLP has about `target` params.
+
+  Bisection over the factor in [0.01, 4] (60 halvings); widths are rounded, at least 1.
+
+  Args:
+    in_dim: input size.
+    widths: the hidden widths to scale.
+    num_classes: C.
+    target: the parameter count to match (e.g. `supermodel_params`).
+
+  Returns:
+    The scaled widths: the smallest factor whose MLP has at least `target` parameters.
+
+  >>> equal_param_widths(784, (512, 512), num_classes=10, target=669706)
+  (512, 512)
+  """
+  lo, hi = 0.01, 4.0
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    n = mlp_params(in_dim, [max(1, round(w * mid)) for w in widths], num_classes=num_classes)
+    lo, hi = (mid, hi) if n < target else (lo, mid)
+  return tuple(max(1, round(w * hi)) for w in widths)
+
+
+# --------------------------------------------------------------------------- time to accuracy
+
+def timed_epoch(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
+                epoch: int, steps_per_epoch: int, key: jax.Array,
+                desc: str = "timed epoch") -> tuple[PyTree, float, float]:
+  """Epoch `epoch` of `train.fit`, continuing in memory from step epoch * steps_per_epoch.
+
+  Seconds are wall-clock until the state is ready. In epoch 0 the very first step (its
+  compilation) runs as its own, untimed `fit` call: its seconds are returned apart, and
+  the epoch's seconds cover the remaining steps (Tables 10/11 exclude compilation).
+
+  Args:
+    state: the state to train (stacked member state or single state).
+    step_fn, batch_fn, key: as `train.fit` (the same in every epoch, so the run equals
+      one uninterrupted `fit`).
+    epoch: the 0-based epoch to run.
+    steps_per_epoch: steps of one epoch.
+    desc: the log label.
+
+  Returns:
+    (state, seconds, first_step_seconds); `first_step_seconds` is 0 after epoch 0.
+  """
+  start, first = int(epoch) * int(steps_per_epoch), 0.0
+  fit = lambda s, n, start_step: train.fit(s, step_fn=step_fn, batch_fn=batch_fn,
+                                           num_steps=n, key=key, start_step=start_step,
+                                           progress=False, desc=desc)[0]
+  if start == 0:
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(fit(state, 1, 0))
+    first, start = time.perf_counter() - t0, 1
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(fit(state, (int(epoch) + 1) * int(steps_per_epoch), start))
+  return state, time.perf_counter() - t0, first
+
+
+def clock(records: Sequence[Mapping[str, Any]]) -> list[dict]:
+  """The cumulative wall clock of an epoch-by-epoch run (Tables 10 and 11).
+
+  Each record holds `train_seconds` (that epoch's training) and, for a SuperNet,
+  `build_seconds` (that epoch's build: feature caching and head training).
+
+  Args:
+    records: one per epoch, in order.
+
+  Returns:
+    Copies with `member_seconds` (training up to this epoch), `seconds` (that plus this
+    epoch's build: when this epoch's model would be ready had no earlier one been built)
+    and, where builds are given, `seconds_all_builds` (training plus every build so far).
+
+  >>> [r["seconds"] for r in clock([{"train_seconds": 2.0, "build_seconds": 1.0},
+  ...                               {"train_seconds": 3.0, "build_seconds": 0.5}])]
+  [3.0, 5.5]
+  """
+  out, trained, built = [], 0.0, 0.0
+  for r in records:
+    trained += float(r["train_seconds"])
+    rec = {**r, "member_seconds": trained, "seconds": trained}
+    if "build_seconds" in r:
+      built += float(r["build_seconds"])
+      rec.update(seconds=trained + float(r["build_seconds"]), seconds_all_builds=trained + built)
+    out.append(rec)
+  return out
+
+
+def time_to_accuracy(curve: Sequence[Mapping[str, Any]], targets: Sequence[float], *,
+                     metric: str = "val_accuracy",
+                     fields: Sequence[str] = ("epoch", "seconds", "val_accuracy", "val_nll")
+                     ) -> dict[str, dict | None]:
+  """For each target, the first record of `curve` whose `metric` reaches it.
+
+  Args:
+    curve: records in time order (see `clock`).
+    targets: accuracies to reach.
+    metric: the record entry compared with the targets (>=).
+    fields: the entries of the record kept in the answer.
+
+  Returns:
+    {str(target): {field: value} of the first record with metric >= target, or None}.
+
+  >>> curve = [{"epoch": 1, "seconds": 2.0, "val_accuracy": 0.8},
+  ...          {"epoch": 2, "seconds": 5.0, "val_accuracy": 0.9}]
+  >>> time_to_accuracy(curve, [0.85, 0.95], fields=("epoch", "seconds"))
+  {'0.85': {'epoch': 2, 'seconds': 5.0}, '0.95': None}
+  """
+  out = {}
+  for t in targets:
+    hit = next((r for r in curve if r[metric] >= t), None)
+    out[str(t)] = None if hit is None else {f: hit[f] for f in fields if f in hit}
   return out

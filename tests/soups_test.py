@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ensembling import soups
+from ensembling import members, optim, soups
 from ensembling import tree as tree_lib
 
 
@@ -199,3 +199,200 @@ def test_errors_and_nan_ingredients():
   assert 1 not in p.indices and bool(tree_lib.all_finite(p.params))
   with pytest.raises(ValueError, match="NaN"):
     soups.uniform_soup([bad, bad])
+
+
+# --------------------------------------------------------------------------- compare_soups
+
+def _learned_inputs(x, y):
+  def loss_fn(p, batch, t):
+    logits = t * (batch["x"] @ p["w"] + p["b"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(batch["y"])), batch["y"]])
+  return loss_fn, soups.held_out_batches(x, y, batch_size=40)
+
+
+def test_compare_soups_of_identical_ingredients_are_that_ingredient():
+  x, y, ings = _problem(0)
+  loss_fn, batches = _learned_inputs(x, y)
+  res = soups.compare_soups([ings[1]] * 4, _jax_eval(x, y), passes=2, random_orders=2,
+                            loss_fn=loss_fn, batches=batches, learned_steps=3)
+  assert list(res) == list(soups.SOUPS)
+  for name, results in res.items():
+    for r in results:
+      chex.assert_trees_all_close(r.params, ings[1], rtol=1e-6, atol=1e-6)
+  assert len(res["greedy_random"]) == len(res["pruned_random"]) == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compare_soups_never_score_below_their_starting_points(seed):
+  """Greedy: never below its first ingredient (sorted: the best one); pruned: never below
+  the uniform soup it starts from."""
+  x, y, ings = _problem(seed)
+  res = soups.compare_soups(ings, _jax_eval(x, y), passes=2, random_orders=3)
+  ind = res["greedy_sorted"][0].individual_scores
+  np.testing.assert_allclose(ind, [_np_acc(p, x, y) for p in ings])
+  assert res["greedy_sorted"][0].score >= np.max(ind)
+  for r in res["greedy_random"]:
+    assert r.score >= ind[r.info["order"][0]]
+  uniform = res["uniform"][0].score
+  assert uniform == pytest.approx(_np_acc(_np_avg(ings, range(len(ings))), x, y))
+  for r in res["pruned_random"] + res["pruned_sorted"]:
+    assert r.score >= uniform
+
+
+def test_compare_soups_entries_are_the_recipes():
+  x, y, ings = _problem(4)
+  ev = _jax_eval(x, y)
+  res = soups.compare_soups(ings, ev, passes=2, random_orders=2)
+  assert [r.indices for r in res["greedy_random"]] == [
+      soups.greedy_soup(ings, ev, order="random", key=s).indices for s in range(2)]
+  assert [r.indices for r in res["pruned_random"]] == [
+      soups.pruned_soup(ings, ev, passes=2, order="random", key=s).indices for s in range(2)]
+  assert res["pruned_sorted"][0].indices == soups.pruned_soup(ings, ev, passes=2).indices
+  assert "learned_global" not in res
+  with pytest.raises(ValueError, match="loss_fn"):
+    soups.compare_soups(ings, ev, learned_steps=2)
+
+
+def test_held_out_batches_cover_the_data_in_order():
+  x, y = np.arange(10)[:, None], np.arange(10)
+  b = soups.held_out_batches(x, y, batch_size=4)
+  assert [bb["y"].tolist() for bb in b] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  assert [bb["y"].tolist() for bb in soups.held_out_batches(x, y, batch_size=20)] == [
+      list(range(10))]
+
+
+@pytest.fixture(scope="module")
+def dense():
+  import flax.linen as nn
+  net = nn.Dense(3)
+  x = np.random.default_rng(0).normal(size=(30, 5)).astype(np.float32)
+  y = np.random.default_rng(1).integers(0, 3, 30)
+  p = net.init(jax.random.key(0), x)["params"]
+  return net, x, y, p
+
+
+def test_accuracy_and_loss_functions_against_numpy(dense):
+  net, x, y, p = dense
+  logits = x @ np.asarray(p["kernel"]) + np.asarray(p["bias"])
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  acc, ce = np.mean(logits.argmax(-1) == y), -np.mean(logp[np.arange(30), y])
+  assert float(jax.jit(soups.accuracy_fn(net, x, y))(p)) == pytest.approx(acc)
+  out = soups.loss_accuracy_fn(net, x, y)(p)
+  assert out["accuracy"] == pytest.approx(acc) and out["loss"] == pytest.approx(ce, rel=1e-5)
+  loss = soups.temperature_loss_fn(net)(p, {"x": x, "y": y}, 2.0)
+  logp2 = 2 * logits - np.log(np.exp(2 * logits).sum(-1, keepdims=True))
+  assert float(loss) == pytest.approx(-np.mean(logp2[np.arange(30), y]), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+def test_random_hyperparams_follow_the_documented_draws():
+  hp = soups.random_hyperparams(6, steps_per_epoch=7, max_epochs=3, lr_range=(0.01, 0.1),
+                                wd_range=(1e-5, 1e-3), max_shift=2, seed=4)
+  rng = np.random.default_rng(4)  # order: epochs, lr, weight decay, shift, flip
+  epochs = rng.integers(1, 4, 6)
+  lr = np.exp(rng.uniform(np.log(0.01), np.log(0.1), 6)).astype(np.float32)
+  wd = np.exp(rng.uniform(np.log(1e-5), np.log(1e-3), 6)).astype(np.float32)
+  np.testing.assert_array_equal(hp["epochs"], epochs)
+  np.testing.assert_array_equal(hp["steps"], 7 * epochs)
+  np.testing.assert_array_equal(hp["lr"], lr)
+  np.testing.assert_array_equal(hp["weight_decay"], wd)
+  np.testing.assert_array_equal(hp["shift"], rng.integers(0, 3, 6))
+  np.testing.assert_array_equal(hp["flip"], rng.random(6) < 0.5)
+  assert hp["steps"].dtype == np.int32 and hp["flip"].dtype == bool
+
+
+def _image_classifier(n=16):
+  import flax.linen as nn
+  net = nn.Sequential([lambda v: v.reshape((v.shape[0], -1)), nn.Dense(3)])
+  x = np.random.default_rng(0).normal(size=(n, 4, 4, 1)).astype(np.float32)
+  y = np.random.default_rng(1).integers(0, 3, n).astype(np.int32)
+  return net, x, y, net.init(jax.random.key(0), x)["params"]
+
+
+def _hp(lr, steps, shift, flip):
+  return {"lr": np.asarray(lr, np.float32), "steps": np.asarray(steps, np.int32),
+          "shift": np.asarray(shift, np.int32), "flip": np.asarray(flip),
+          "weight_decay": np.full(len(lr), 1e-3, np.float32)}
+
+
+def test_finetune_state_copies_the_model_and_sets_each_members_weight_decay():
+  net, x, _, p = _image_classifier()
+  tx = optim.make_optimizer(name="sgd", learning_rate=1.0, momentum=0.9)
+  hp = _hp([0.1, 0.2], [4, 8], [0, 1], [False, True])
+  hp["weight_decay"] = np.asarray([1e-4, 2e-3], np.float32)
+  state = soups.finetune_state({"params": p}, hp, tx=tx)
+  for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(p)):
+    np.testing.assert_array_equal(np.asarray(a), np.broadcast_to(b, (2,) + b.shape))
+  np.testing.assert_allclose(state["opt_state"].hyperparams["weight_decay"], [1e-4, 2e-3])
+  assert sorted(state["hp"]) == sorted(soups.HYPERPARAMS)
+
+
+def test_finetune_step_is_a_train_step_at_the_members_cosine_rate():
+  """Without augmentation (shift 0, no flip), at step t: `train_step` with lr_scale
+  lr * (1 + cos(pi t / steps)) / 2, on the un-augmented batch; 0 after `steps`."""
+  net, x, y, p = _image_classifier()
+  tx = optim.make_optimizer(name="sgd", learning_rate=1.0, momentum=0.9)
+  state = tree_lib.index(soups.finetune_state({"params": p}, _hp([0.3], [4], [0], [False]),
+                                              tx=tx), 0)
+  batch, key = {"x": x, "y": y}, jax.random.key(2)
+  finetune = jax.jit(lambda s: soups.finetune_step(s, batch, key, model=net, tx=tx)[0])
+  plain = jax.jit(lambda s: members.train_step(s, batch, jax.random.split(key)[1], model=net,
+                                               tx=tx)[0])
+  for t in (0, 2, 4, 6):
+    s = {**state, "step": jnp.asarray(t, jnp.int32)}
+    got = finetune(s)
+    scale = 0.3 * 0.5 * (1 + np.cos(np.pi * min(t / 4, 1.0)))
+    ref = plain({**s, "opt_state": optim.set_hyperparams(s["opt_state"], lr_scale=scale)})
+    chex.assert_trees_all_close(got["params"], ref["params"], rtol=1e-6, atol=1e-7)
+    if t >= 4:  # rate 0: the weights do not move (weight decay is scaled too)
+      chex.assert_trees_all_equal(got["params"], s["params"])
+
+
+def test_finetune_members_in_parallel_equal_each_member_alone():
+  net, x, y, p = _image_classifier()
+  tx = optim.make_optimizer(name="sgd", learning_rate=1.0, momentum=0.9)
+  state = soups.finetune_state({"params": p}, _hp([0.3, 0.05], [2, 6], [2, 1], [True, False]),
+                               tx=tx)
+  step = members.ensemble_step(model=net, tx=tx, num_members=2, step_fn=soups.finetune_step)
+  batch_K = {"x": np.stack([x, x[::-1]]), "y": np.stack([y, y[::-1]])}
+  keys = members.member_keys(jax.random.key(3), 2)
+  got, _ = step(state, batch_K, keys)
+  alone = jax.jit(lambda s, b, k: soups.finetune_step(s, b, k, model=net, tx=tx)[0])
+  for k in range(2):
+    one = alone(tree_lib.index(state, k), tree_lib.index(batch_K, k), keys[k])
+    chex.assert_trees_all_close(tree_lib.index(got["params"], k), one["params"], rtol=1e-5,
+                                atol=1e-6)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+def test_random_shift_flip_against_numpy():
+  from ensembling.data import augment
+  x = np.random.default_rng(0).normal(size=(64, 5, 6, 2)).astype(np.float32)
+  key = jax.random.key(7)
+  out = np.asarray(augment.random_shift_flip(key, x, max_shift=2, flip=True))
+  k1, k2, k3 = jax.random.split(key, 3)  # the documented draws
+  dy = np.asarray(jax.random.randint(k1, (64,), -2, 3))
+  dx = np.asarray(jax.random.randint(k2, (64,), -2, 3))
+  fl = np.asarray(jax.random.bernoulli(k3, 0.5, (64,)))
+  xp = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(64):
+    ref = xp[i, 2 + dy[i]:2 + dy[i] + 5, 2 + dx[i]:2 + dx[i] + 6]
+    np.testing.assert_array_equal(out[i], ref[:, ::-1] if fl[i] else ref)
+  assert 0 < fl.sum() < 64 and len(set(dy.tolist())) == 5
+
+
+def test_random_shift_flip_identity_shapes_and_errors():
+  from ensembling.data import augment
+  x = np.random.default_rng(0).normal(size=(8, 4, 4)).astype(np.float32)
+  same = augment.random_shift_flip(jax.random.key(0), x, max_shift=0, flip=False)
+  assert same.shape == x.shape
+  np.testing.assert_array_equal(np.asarray(same), x)
+  mirrored = np.asarray(augment.random_shift_flip(jax.random.key(0), x, max_shift=0, flip=True))
+  for a, b in zip(mirrored, x):
+    assert np.array_equal(a, b) or np.array_equal(a, b[:, ::-1])
+  with pytest.raises(ValueError, match="max_shift"):
+    augment.random_shift_flip(jax.random.key(0), x, max_shift=3, flip=False)
+  with pytest.raises(ValueError, match="images"):
+    augment.random_shift_flip(jax.random.key(0), x[0], max_shift=1, flip=False)
