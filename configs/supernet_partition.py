@@ -46,16 +46,8 @@ def get_config(arg=None):
     c.optim.learning_rate = 0.05
     c.optim.weight_decay = 5e-4
   elif a.preset == "newsgroups":
-    c.data.name = "20newsgroups"
-    c.data.dir = configlib.DATA_DIRS["20newsgroups"]
-    c.data.validation_size = 1000
-    c.data.max_features = 20000
+    configlib.newsgroups_preset(c)
     c.epochs = 4
-    c.batch_size = 64
-    c.eval_batch_size = 250
-    c.optim.name = "adam"
-    c.optim.learning_rate = 1e-3
-    c.optim.weight_decay = 0.0
     c.partition.widths = (60, 60)
     c.partition.parts = (1, 2, 3, 6)
     c.partition.dropout_single = 0.5

@@ -43,15 +43,7 @@ def get_config(arg=None):
     c.optim.learning_rate = 0.02
     c.optim.weight_decay = 5e-4
   elif a.preset == "newsgroups":
-    c.data.name = "20newsgroups"
-    c.data.dir = configlib.DATA_DIRS["20newsgroups"]
-    c.data.validation_size = 1000
-    c.data.max_features = 20000
-    c.batch_size = 64
-    c.eval_batch_size = 250
-    c.optim.name = "adam"
-    c.optim.learning_rate = 1e-3
-    c.optim.weight_decay = 0.0
+    configlib.newsgroups_preset(c)
     c.timing.single = configlib.model_config("mlp", widths=(60, 60), dropout=0.5)
     c.timing.sub = configlib.model_config("mlp", widths=(20, 20), dropout=0.5)
     c.timing.max_epochs = 6

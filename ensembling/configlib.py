@@ -10,6 +10,11 @@ keyword arguments the library takes (`model_from_config`, `optimizer_from_config
 
 from __future__ import annotations
 
+import difflib
+import glob
+import importlib.util
+import json
+import os
 from typing import Any
 
 import ml_collections
@@ -79,6 +84,19 @@ def fashion_mnist_data(*, validation_size: int = 5000) -> ml_collections.ConfigD
   d.dir = DATA_DIRS["fashion_mnist"]
   d.validation_size = validation_size
   return d
+
+
+def newsgroups_preset(c: ml_collections.ConfigDict) -> None:
+  """20 Newsgroups TF-IDF (20k terms, 1,000 validation posts) with Adam, as the thesis."""
+  c.data.name = "20newsgroups"
+  c.data.dir = DATA_DIRS["20newsgroups"]
+  c.data.validation_size = 1000
+  c.data.max_features = 20000
+  c.batch_size = 64
+  c.eval_batch_size = 250
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 0.0
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -203,6 +221,15 @@ def train_members_from_config(config, splits: data.Splits, workdir: str | None, 
       desc=desc, schedule=schedule,
       **fit_kwargs(config, eval_data=(splits.x_val, splits.y_val) if eval_every_epoch else None))
   return model, res
+
+
+def head_optimizer_from_config(supernet_block, *, num_examples: int):
+  """The SuperNet head's optimizer that `config.supernet` describes, for `num_examples`."""
+  from ensembling import supernet
+  sn = supernet_block
+  return supernet.head_optimizer(
+      sn.head_optimizer, sn.head_lr, schedule=sn.head_schedule,
+      steps=int(sn.head_epochs) * (int(num_examples) // int(sn.head_batch_size)))
 
 
 def trajectory_plan(method: str, config, steps_per_epoch: int) -> trajectory.Plan:
@@ -429,3 +456,91 @@ def config_args(module) -> dict[str, Any]:
   except ArgsRequested as e:
     return dict(e.spec)
   return {}
+
+
+# --------------------------------------------------------------------------- command line
+
+class UsageError(ValueError):
+  """A command-line mistake, reported in one line."""
+
+
+
+def load_config_file(path: str):
+  """The module of a config file (`get_config` inside), loaded from its path."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  if spec is None or not os.path.exists(path):
+    raise UsageError(f"No config file {path!r}; see --list.")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def list_configs(directory: str, *, root: str = ".") -> str:
+  """Every config file in `directory`: its first docstring line, `:args` and fields."""
+  lines = []
+  for path in sorted(glob.glob(os.path.join(directory, "*.py"))):
+    mod = load_config_file(path)
+    if not hasattr(mod, "get_config"):
+      continue
+    rel = os.path.relpath(path, root)
+    lines.append(f"{rel}: {(mod.__doc__ or '').strip().splitlines()[0]}")
+    args = config_args(mod)
+    if args:
+      lines.append("  :args  " + ", ".join(f"{k}={v!r}" for k, v in args.items()))
+    lines.append("  fields " + ", ".join(sorted(mod.get_config().keys())))
+  return "\n".join(lines)
+
+
+def _field_names(config, prefix=""):
+  out = []
+  for k, v in config.items():
+    out.append(prefix + k)
+    if hasattr(v, "items") and hasattr(v, "to_dict"):
+      out += _field_names(v, prefix + k + ".")
+  return out
+
+
+def _parse_list(text: str):
+  text = text.strip()
+  try:
+    value = json.loads(text) if text.startswith("[") else [float(t) for t in text.split(",")]
+  except ValueError:
+    raise UsageError(f"Cannot read {text!r} as numbers (use 1.0,0.5 or [1.0, 0.5]).") from None
+  return tuple(float(v) for v in value)
+
+
+def check_overrides(argv: list[str]) -> tuple[list[str], dict]:
+  """Checks the `--config.x=...` overrides before absl does; pulls out per-member lists.
+
+  Returns (argv for absl, {field: tuple} of per-member lists to set after parsing).
+  Raises UsageError for an unknown field (with the closest names) or a bad config arg.
+  """
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return argv, {}
+  path, _, arg = config_arg.partition(":")
+  try:
+    config = load_config_file(path).get_config(arg or None)
+  except ValueError as e:
+    raise UsageError(f"{config_arg}: {e}") from None
+  names = _field_names(config)
+  out, lists, i = [], {}, 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config.") and not a.startswith("--config=") :
+      key, eq, value = a[len("--config."):].partition("=")
+      if not eq and i + 1 < len(argv):
+        value, i = argv[i + 1], i + 1
+      if key not in names:
+        close = difflib.get_close_matches(key, names, n=2)
+        raise UsageError(f"Unknown config field {key!r}"
+                         + (f"; did you mean {' or '.join(map(repr, close))}?" if close else
+                            "; see --list."))
+      if key in PER_MEMBER_FIELDS and ("," in value or value.strip().startswith("[")):
+        lists[key] = _parse_list(value)
+        i += 1
+        continue
+      a = f"--config.{key}={value}"
+    out.append(a)
+    i += 1
+  return out, lists

@@ -14,11 +14,7 @@ from what `run` returns. An experiment's `run(config, workdir)` returns
 """
 
 import contextlib
-import difflib
-import glob
 import importlib
-import importlib.util
-import json
 import logging
 import os
 import sys
@@ -27,10 +23,6 @@ from ensembling import configlib, distributed, report, workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-
-
-class UsageError(ValueError):
-  """A command-line mistake, reported in one line."""
 
 
 def experiment_module(name: str):
@@ -75,86 +67,6 @@ def run_experiment(config, workdir: str, *, restart: bool = False) -> dict:
 
 # --------------------------------------------------------------------------- command line
 
-def _load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  if spec is None or not os.path.exists(path):
-    raise UsageError(f"No config file {path!r}; see --list.")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-def list_configs() -> str:
-  """Every config file: its first docstring line, its `:args` and its top-level fields."""
-  lines = []
-  for path in sorted(glob.glob(os.path.join(REPO, "configs", "*.py"))):
-    mod = _load_config_module(path)
-    if not hasattr(mod, "get_config"):
-      continue
-    rel = os.path.relpath(path, REPO)
-    lines.append(f"{rel}: {(mod.__doc__ or '').strip().splitlines()[0]}")
-    args = configlib.config_args(mod)
-    if args:
-      lines.append("  :args  " + ", ".join(f"{k}={v!r}" for k, v in args.items()))
-    lines.append("  fields " + ", ".join(sorted(mod.get_config().keys())))
-  return "\n".join(lines)
-
-
-def _field_names(config, prefix=""):
-  out = []
-  for k, v in config.items():
-    out.append(prefix + k)
-    if hasattr(v, "items") and hasattr(v, "to_dict"):
-      out += _field_names(v, prefix + k + ".")
-  return out
-
-
-def _parse_list(text: str):
-  text = text.strip()
-  try:
-    value = json.loads(text) if text.startswith("[") else [float(t) for t in text.split(",")]
-  except ValueError:
-    raise UsageError(f"Cannot read {text!r} as numbers (use 1.0,0.5 or [1.0, 0.5]).") from None
-  return tuple(float(v) for v in value)
-
-
-def preprocess(argv: list[str]) -> tuple[list[str], dict]:
-  """Checks the `--config.x=...` overrides before absl does; pulls out per-member lists.
-
-  Returns (argv for absl, {field: tuple} of per-member lists to set after parsing).
-  Raises UsageError for an unknown field (with the closest names) or a bad config arg.
-  """
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if config_arg is None:
-    return argv, {}
-  path, _, arg = config_arg.partition(":")
-  try:
-    config = _load_config_module(path).get_config(arg or None)
-  except ValueError as e:
-    raise UsageError(f"{config_arg}: {e}") from None
-  names = _field_names(config)
-  out, lists, i = [], {}, 0
-  while i < len(argv):
-    a = argv[i]
-    if a.startswith("--config.") and not a.startswith("--config=") :
-      key, eq, value = a[len("--config."):].partition("=")
-      if not eq and i + 1 < len(argv):
-        value, i = argv[i + 1], i + 1
-      if key not in names:
-        close = difflib.get_close_matches(key, names, n=2)
-        raise UsageError(f"Unknown config field {key!r}"
-                         + (f"; did you mean {' or '.join(map(repr, close))}?" if close else
-                            "; see --list."))
-      if key in configlib.PER_MEMBER_FIELDS and ("," in value or value.strip().startswith("[")):
-        lists[key] = _parse_list(value)
-        i += 1
-        continue
-      a = f"--config.{key}={value}"
-    out.append(a)
-    i += 1
-  return out, lists
-
-
 def _quiet_logs():
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save INFO lines
@@ -165,13 +77,14 @@ def _quiet_logs():
 def main(argv=None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if "--list" in argv or "--help" in argv or "-h" in argv:
-    print(__doc__.strip() + "\n\nConfigs:\n" + list_configs())
+    print(__doc__.strip() + "\n\nConfigs:\n"
+          + configlib.list_configs(os.path.join(REPO, "configs"), root=REPO))
     return 0
   restart = "--restart" in argv
   argv = [a for a in argv if a != "--restart"]
   try:
-    argv, lists = preprocess(argv)
-  except UsageError as e:
+    argv, lists = configlib.check_overrides(argv)
+  except configlib.UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from absl import app, flags

@@ -32,8 +32,7 @@ def _heads(config, splits, model, res):
   for name in cache:
     cache[name]["y"] = splits.split(name)[1]
   heads = supernet.member_heads(variables["params"])
-  tx = supernet.head_optimizer(sn.head_optimizer, sn.head_lr, schedule=sn.head_schedule, steps=int(
-      sn.head_epochs) * (len(splits.y_train) // int(sn.head_batch_size)))
+  tx = configlib.head_optimizer_from_config(sn, num_examples=len(splits.y_train))
   head = lambda n, init, l2, scale, best_by: supernet.train_head(
       cache, heads, num_members=n, init=init, tx=tx, epochs=int(sn.head_epochs),
       batch_size=int(sn.head_batch_size), seed=config.seed + int(sn.head_seed),

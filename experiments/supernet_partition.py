@@ -57,9 +57,7 @@ def _row(config, splits, parts, widths, in_dim):
     cache[name]["y"] = splits.split(name)[1]
   head, hist = supernet.train_head(
       cache, supernet.member_heads(variables["params"]), num_members=parts, init=sn.head_init,
-      tx=supernet.head_optimizer(sn.head_optimizer, sn.head_lr, schedule=sn.head_schedule,
-                                 steps=int(sn.head_epochs) * (len(splits.y_train)
-                                                              // int(sn.head_batch_size))),
+      tx=configlib.head_optimizer_from_config(sn, num_examples=len(splits.y_train)),
       epochs=int(sn.head_epochs), batch_size=int(sn.head_batch_size),
       seed=config.seed + int(sn.head_seed), key=jax.random.key(config.seed + 7),
       l2=float(sn.head_l2), scale=sn.head_scale or None, dropout=float(sn.head_dropout),

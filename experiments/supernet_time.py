@@ -70,9 +70,7 @@ def run(config, workdir: str):
 
   k = int(tc.sub_members)
   model, state0, step, _, _ = arm = _arm(config, splits, tc.sub, k, int(config.seed) + 100)
-  tx = supernet.head_optimizer(sc.head_optimizer, sc.head_lr, schedule=sc.head_schedule,
-                               steps=int(sc.head_epochs) * (len(splits.y_train)
-                                                            // int(sc.head_batch_size)))
+  tx = configlib.head_optimizer_from_config(sc, num_examples=len(splits.y_train))
 
   def build(state):
     variables = members.variables_of(state)
