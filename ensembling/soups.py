@@ -83,19 +83,47 @@ class SoupResult(NamedTuple):
 
 # --------------------------------------------------------------------------- input
 
-def prepare_ingredients(ingredients: PyTree | Sequence[PyTree]) -> tuple[PyTree, np.ndarray, int]:
+def prepare_ingredients(ingredients: PyTree | Sequence[PyTree], *,
+                        stacked: bool | None = None) -> tuple[PyTree, np.ndarray, int]:
   """Validates ingredients; returns (finite ingredients stacked, their indices, K).
 
-  Raises ValueError on an empty list, mismatched structures or shapes, non-float
-  leaves, or when no ingredient is finite. Non-finite ingredients are dropped with a
-  warning.
+  Raises ValueError on an empty list, mismatched structures, shapes or dtypes (say
+  float16 and float32 of one leaf), non-float leaves, a pytree that is one unstacked
+  model rather than K stacked ones, or when no ingredient is finite. Non-finite
+  ingredients are dropped with a warning.
+
+  Args:
+    ingredients: a list of pytrees, or one stacked pytree (member axis first).
+    stacked: for a pytree, True confirms it is stacked even when some leaf would be a
+      scalar per member (otherwise taken for one unstacked model and refused).
   """
   if isinstance(ingredients, (list, tuple)):
     if len(ingredients) == 0:
       raise ValueError("Expected at least one soup ingredient, got an empty list.")
     tree_lib.check_same_structure(list(ingredients), what="ingredients")
+    ref = tree_lib.named_leaves(ingredients[0])
+    for i, t in enumerate(ingredients[1:], start=1):
+      for (name, a), (_, b) in zip(ref, tree_lib.named_leaves(t)):
+        if jnp.asarray(a).dtype != jnp.asarray(b).dtype:
+          raise ValueError(f"ingredients 0 and {i} differ in dtype at '{name}': "
+                           f"{jnp.asarray(a).dtype} vs {jnp.asarray(b).dtype}; cast them to "
+                           "one dtype first.")
   if not jax.tree.leaves(ingredients):
     raise ValueError("Soup ingredients have no array leaves.")
+  if not isinstance(ingredients, (list, tuple)):
+    leaves = tree_lib.named_leaves(ingredients)
+    leading = {np.shape(x)[0] if np.ndim(x) else None for _, x in leaves}
+    if len(leading) != 1 or None in leading:
+      raise ValueError("Soup ingredients given as one pytree must be stacked (member axis "
+                       f"first), but its leaves' leading sizes differ ({sorted(map(str, leading))})"
+                       ": this looks like one unstacked model. Pass a list of models, or "
+                       "tree.stack(models).")
+    scalars = [n for n, x in leaves if np.ndim(x) == 1]
+    if scalars and stacked is not True:
+      raise ValueError(f"Soup ingredients look like one unstacked model: as a stack of "
+                       f"{len(leading and [0]) and next(iter(leading))} members, leaf "
+                       f"'{scalars[0]}' would be a scalar per member. Pass a list of models, "
+                       "or stacked=True if it really is a stack.")
   stacked = tree_lib.as_stacked(ingredients)
   for name, x in tree_lib.named_leaves(stacked):
     if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact):
@@ -145,8 +173,16 @@ class _Evaluator:
       raise ValueError(f"Unknown evaluation {evaluation!r}; choose one of {EVALUATIONS}.")
     self.stacked, self.eval_fn, self.evaluation = stacked, eval_fn, evaluation
     self.n = tree_lib.num_members(stacked)
+    self.why = ""
     if evaluation == "auto":  # measured: benchmarks/soup_candidates.py, docs/results_soups.md
       evaluation = "loop" if jax.default_backend() == "cpu" else "vmap"
+      try:  # a plain Python eval_fn (float(), NumPy) cannot be traced: call it as it is
+        jax.eval_shape(lambda w: eval_fn(tree_lib.weighted_sum(stacked, w)),
+                       jnp.full((self.n,), 1.0 / self.n, jnp.float32))
+      except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError,
+              jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError) as e:
+        evaluation = "python"
+        self.why = f"eval_fn cannot be traced ({type(e).__name__}); called in Python"
     self.evaluation = evaluation
     # candidates scored per call: all of a pass when batched; one at a time otherwise
     # (no speculation, so nothing is evaluated twice)
@@ -172,6 +208,21 @@ class _Evaluator:
       w_CxK = np.concatenate([w_CxK, np.repeat(w_CxK[:1], pad_to - c, axis=0)])
     self.calls += 1
     return np.asarray(self._many(self.stacked, jnp.asarray(w_CxK)), np.float64)[:c]
+
+  def describe(self) -> str:
+    """How candidates were scored, for `SoupResult.info["evaluation"]`."""
+    return f"{self.evaluation}: {self.why}" if self.why else self.evaluation
+
+
+def _check_scores(scores: np.ndarray, what: str) -> None:
+  """Every score NaN means the held-out evaluation is broken: say so, never soup on it."""
+  s = np.asarray(scores, np.float64)
+  if s.size and np.isnan(s).all():
+    raise ValueError(f"eval_fn returned NaN for every {what}; check the held-out evaluation "
+                     "(data, BatchNorm statistics) before making a soup.")
+  if np.isnan(s).any():
+    warnings.warn(f"eval_fn returned NaN for {int(np.isnan(s).sum())} of {s.size} {what}; "
+                  "they never win a comparison.", RuntimeWarning, stacklevel=3)
 
 
 def _resolve_order(order, scores: np.ndarray, n: int, key) -> list[int]:
@@ -276,6 +327,7 @@ def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
   n = len(valid)
   evaluate = _Evaluator(stacked, eval_fn, evaluation, batch_size)
   ind = _individual_scores(evaluate, n)
+  _check_scores(ind, "ingredient")
   seq = _explicit_order(order, valid, k)
   if seq is None:
     seq = _resolve_order(order, ind, n, key)
@@ -300,11 +352,12 @@ def greedy_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
   params = tree_lib.weighted_sum(stacked, jnp.asarray(_uniform_rows([chosen], n)[0]))
   return SoupResult(params, tuple(int(valid[i]) for i in chosen), w, float(best),
                     _full_scores(ind, valid, k), tuple(history),
-                    {"order": [int(valid[i]) for i in seq], "eval_calls": evaluate.calls})
+                    {"order": [int(valid[i]) for i in seq], "eval_calls": evaluate.calls,
+                     "evaluation": evaluate.describe()})
 
 
 def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
-                passes: int = 1, order: str | Sequence[int] = "sorted", key=None,
+                passes: int | None = None, order: str | Sequence[int] = "sorted", key=None,
                 evaluation: str = "auto", batch_size: int | None = None) -> SoupResult:
   """Pruned soup (seed 002): remove ingredients from the uniform soup while it helps.
 
@@ -317,7 +370,10 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
   Args:
     ingredients: list of pytrees, or one stacked pytree (member axis first).
     eval_fn: `params -> scalar` held-out score, higher is better (traceable for "vmap").
-    passes: the maximum number of passes N (>= 1).
+    passes: the maximum number of passes N (>= 1); None (the default): until a pass
+      removes nothing (at most K - 1 passes). One pass can stop short: on a toy problem
+      one sorted pass scored below the best single ingredient, passes to convergence
+      above it (tests/soups_test.py).
     order: visiting order within a pass: "sorted" (decreasing individual score, as in
       the seed), "ascending" (worst first), "random" (needs `key`), "given", or a
       sequence of ingredient indices (unlisted ones are never removed).
@@ -328,9 +384,10 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
   Returns:
     A `SoupResult`; `indices` lists the kept ingredients in increasing order.
   """
-  if passes < 1:
-    raise ValueError(f"passes must be >= 1, got {passes}.")
+  if passes is not None and passes < 1:
+    raise ValueError(f"passes must be >= 1 (or None: until nothing changes), got {passes}.")
   stacked, valid, k = prepare_ingredients(ingredients)
+  passes = max(len(valid) - 1, 1) if passes is None else passes
   n = len(valid)
   evaluate = _Evaluator(stacked, eval_fn, evaluation, batch_size)
   seq = _explicit_order(order, valid, k)
@@ -340,6 +397,11 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
     seq = _resolve_order(order, ind, n, key)
   chosen = list(range(n))
   base = float(evaluate(_uniform_rows([chosen], n), pad_to=n)[0])
+  if ind is not None:
+    _check_scores(np.append(ind, base), "candidate soup")
+  elif np.isnan(base):
+    raise ValueError("eval_fn returned NaN for the uniform soup; check the held-out "
+                     "evaluation before pruning.")
   history = [(tuple(valid.tolist()), base, True)]
   done_passes = 0
   for _ in range(passes):
@@ -367,7 +429,7 @@ def pruned_soup(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
                     _weights_over_all(row, valid, k), base, _full_scores(ind, valid, k),
                     tuple(history),
                     {"order": [int(valid[i]) for i in seq], "passes_run": done_passes,
-                     "eval_calls": evaluate.calls})
+                     "eval_calls": evaluate.calls, "evaluation": evaluate.describe()})
 
 
 def mix(stacked: PyTree, logits, *, per_layer: bool = False) -> PyTree:
@@ -542,7 +604,8 @@ SOUPS = {  # compare_soups' names -> table labels ({n}: the number of random ord
 
 
 def compare_soups(ingredients: PyTree | Sequence[PyTree], eval_fn: Callable, *,
-                  passes: int = 1, random_orders: int = 1, loss_fn: Callable | None = None,
+                  passes: int | None = None, random_orders: int = 1,
+                  loss_fn: Callable | None = None,
                   batches: Sequence[PyTree] | Callable[[int], PyTree] | None = None,
                   learned_steps: int = 0, learned_lr: float = 0.05,
                   evaluation: str = "auto", batch_size: int | None = None

@@ -65,9 +65,9 @@ def _rows(config, splits, model, params_K, part):
 
 
 def _table(rows):
-  pct = lambda v: "-" if v is None else f"{100 * v:.2f}"
+  pct, num = (lambda v: "-" if v is None else f"{100 * v:.2f}"), (lambda v: f"{float(v):.4g}")
   return report.cells_table(["method", "val acc", "test acc", "ingredients"], [
-      [r["method"], pct(r.get("val_acc")), pct(r["test_acc"]), str(r["ingredients"])]
+      [r["method"], pct(r.get("val_acc")), pct(r["test_acc"]), num(r["ingredients"])]
       for r in rows])
 
 

@@ -396,3 +396,68 @@ def test_random_shift_flip_identity_shapes_and_errors():
     augment.random_shift_flip(jax.random.key(0), x, max_shift=3, flip=False)
   with pytest.raises(ValueError, match="images"):
     augment.random_shift_flip(jax.random.key(0), x[0], max_shift=1, flip=False)
+
+
+# --------------------------------------------------------------------------- inputs at the door
+
+def test_one_unstacked_model_is_refused():
+  one_model = {"Dense_0": {"kernel": jnp.ones((64, 64)), "bias": jnp.zeros((64,))}}
+  with pytest.raises(ValueError, match="look like one unstacked model"):
+    soups.uniform_soup(one_model)
+  ragged = {"kernel": jnp.ones((784, 64)), "bias": jnp.zeros((64,))}
+  with pytest.raises(ValueError, match="leading sizes differ"):
+    soups.uniform_soup(ragged)
+  # Stated explicitly, a stack with per-member scalars is fine: the mean of the members.
+  res = soups.prepare_ingredients({"t": jnp.arange(3.0)}, stacked=True)
+  assert res[2] == 3
+
+
+def test_mixed_dtypes_are_refused():
+  a = {"w": jnp.ones(3, jnp.float32)}
+  b = {"w": jnp.ones(3, jnp.float16)}
+  with pytest.raises(ValueError, match=r"differ in dtype at 'w': float32 vs float16"):
+    soups.greedy_soup([a, b], lambda p: jnp.sum(p["w"]))
+
+
+def test_an_eval_fn_that_is_nan_everywhere_is_an_error():
+  ings = [{"w": jnp.full(2, float(i))} for i in range(3)]
+  for soup in (soups.greedy_soup, soups.pruned_soup):
+    with pytest.raises(ValueError, match="NaN for every"):
+      soup(ings, lambda p: jnp.nan)
+
+
+def test_a_plain_python_eval_fn_works_with_the_defaults():
+  """float()/NumPy inside eval_fn cannot be traced: the soup falls back to calling it."""
+  ings = [{"w": jnp.full(2, float(i))} for i in range(4)]
+  score = lambda p: -abs(float(np.asarray(p["w"]).mean()) - 1.2)
+  ref = lambda p: -jnp.abs(jnp.mean(p["w"]) - 1.2)  # the same score, traceable
+  for soup in (soups.greedy_soup, soups.pruned_soup):
+    got, want = soup(ings, score), soup(ings, ref)
+    assert got.indices == want.indices and got.score == pytest.approx(want.score)
+    assert got.info["evaluation"].startswith("python: eval_fn cannot be traced")
+    assert not want.info["evaluation"].startswith("python")
+
+
+def test_pruned_soup_runs_passes_until_nothing_changes():
+  """The toy problem where one sorted pass is not enough (found by search, seed 13)."""
+  rng = np.random.default_rng(13)
+  ings = [{"w": jnp.asarray(rng.normal(size=2).astype(np.float32) * 2)} for _ in range(6)]
+  f = lambda p: -jnp.sum(p["w"] ** 2)
+  best = max(float(f(i)) for i in ings)
+  one = soups.pruned_soup(ings, f, passes=1)
+  full = soups.pruned_soup(ings, f)
+  assert one.score < best < full.score
+  assert full.info["passes_run"] == 3 and full.indices == (4, 5)
+  # A hand-run pruning to convergence, from the uniform soup, sorted order, >= rule.
+  scores = [float(f(i)) for i in ings]
+  order = sorted(range(6), key=lambda i: (-scores[i], i))
+  kept = list(range(6))
+  mean = lambda idx: {"w": jnp.mean(jnp.stack([ings[i]["w"] for i in idx]), 0)}
+  base, changed = float(f(mean(kept))), True
+  while changed:  # a pass visits every kept ingredient once; passes repeat while one removes
+    changed = False
+    for i in [j for j in order if j in kept]:
+      rest = [j for j in kept if j != i]
+      if len(kept) > 1 and float(f(mean(rest))) >= base:
+        kept, base, changed = rest, float(f(mean(rest))), True
+  assert tuple(kept) == full.indices and base == pytest.approx(full.score)
