@@ -160,7 +160,7 @@ def fit_student(model, x: np.ndarray, teacher_probs_NxC: np.ndarray, *,
     raise ValueError("teacher_probs must be probabilities (rows summing to 1): pass "
                      "teacher_probs(logits, temperature=T), not logits.")
   m = as_model(model)
-  state = members.init_state(m.init(jax.random.key(seed), jnp.asarray(x[:1])), tx)
+  state = members.init_state(jax.jit(m.init)(jax.random.key(seed), jnp.asarray(x[:1])), tx)
   batch_fn, spe = train.make_batch_fn(x, q, seed=seed, batch_size=batch_size)
   step = jax.jit(functools.partial(train_step, model=m, tx=tx, temperature=t))
   eval_fn = None

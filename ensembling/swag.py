@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from ensembling import train, trajectory
 from ensembling import tree as tree_lib
@@ -214,30 +215,44 @@ def sample_from_normals(state: dict, z_diag: PyTree, z_low, *, rank: int,
   if not scale >= 0:
     raise ValueError(f"scale must be >= 0, got {scale}.")
   cols = deviation_columns(state, rank=rank)
-  return _sample_fn(rank, float(scale), float(var_clamp))(state, cols, z_diag, z_low)
+  return _sample_one(state, cols, z_diag, z_low, rank=int(rank), scale=float(scale),
+                     var_clamp=float(var_clamp))
 
 
-@functools.lru_cache(maxsize=16)
-def _sample_fn(rank, scale, var_clamp):
-  def one(state, cols, z_diag, z_low):
-    var = diagonal_variance(state, var_clamp=var_clamp)
-    out = jax.tree.map(lambda m, v, z: m + jnp.sqrt(scale) * jnp.sqrt(v) * z,
-                       state["mean"], var, z_diag)
-    if rank:
-      z_low = jnp.asarray(z_low)
-      out = jax.tree.map(
-          lambda o, d: o + jnp.sqrt(scale) * jnp.tensordot(z_low.astype(d.dtype), d, 1)
-          / jnp.sqrt(rank - 1.0), out, cols)
-    return out
-  return jax.jit(one)
+def _construct(state, cols, z_diag, z_low, *, rank, scale, var_clamp):
+  var = diagonal_variance(state, var_clamp=var_clamp)
+  out = jax.tree.map(lambda m, v, z: m + jnp.sqrt(scale) * jnp.sqrt(v) * z,
+                     state["mean"], var, z_diag)
+  if rank:
+    z_low = jnp.asarray(z_low)
+    out = jax.tree.map(lambda o, d: o + jnp.sqrt(scale) * jnp.tensordot(
+        z_low.astype(d.dtype), d, 1) / jnp.sqrt(rank - 1.0), out, cols)
+  return out
+
+
+_sample_one = jax.jit(_construct, static_argnames=("rank", "scale", "var_clamp"))
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "rank", "scale", "var_clamp"))
+def _sample_many(key, state, cols, *, num_samples, rank, scale, var_clamp):
+  flat, unravel = ravel_pytree(state["mean"])
+
+  def draw(k):
+    k_diag, k_low = jax.random.split(k)
+    z_diag = unravel(jax.random.normal(k_diag, flat.shape, flat.dtype))
+    return _construct(state, cols, z_diag, jax.random.normal(k_low, (max(rank, 1),)),
+                      rank=rank, scale=scale, var_clamp=var_clamp)
+
+  return jax.vmap(draw)(jax.random.split(key, num_samples))
 
 
 def sample(key: jax.Array, state: dict, *, num_samples: int, rank: int,
            scale: float = 0.5, var_clamp: float = VAR_CLAMP) -> PyTree:
   """`num_samples` SWAG samples of the parameters, stacked on a new leading axis.
 
-  Sample s uses `k_diag, k_low = split(split(key, S)[s])`: z_diag one normal per
-  parameter (leaf i from `split(k_diag, L)[i]`), z_low = normal(k_low, (rank,)).
+  Sample s uses `k_diag, k_low = split(split(key, S)[s])`: z_diag = normal(k_diag, (d,))
+  over the d parameters in `jax.flatten_util.ravel_pytree` order, z_low =
+  normal(k_low, (rank,)).
 
   Args:
     key: PRNG key.
@@ -255,18 +270,8 @@ def sample(key: jax.Array, state: dict, *, num_samples: int, rank: int,
   if not scale >= 0:
     raise ValueError(f"scale must be >= 0, got {scale}.")
   cols = deviation_columns(state, rank=rank)
-  treedef = jax.tree.structure(state["mean"])
-  leaves = jax.tree.leaves(state["mean"])
-  fn = _sample_fn(int(rank), float(scale), float(var_clamp))
-
-  def draw(k):
-    k_diag, k_low = jax.random.split(k)
-    zs = [jax.random.normal(kk, l.shape, l.dtype)
-          for kk, l in zip(jax.random.split(k_diag, len(leaves)), leaves)]
-    return fn(state, cols, jax.tree.unflatten(treedef, zs),
-              jax.random.normal(k_low, (max(int(rank), 1),)))
-
-  return jax.vmap(draw)(jax.random.split(key, int(num_samples)))
+  return _sample_many(key, state, cols, num_samples=int(num_samples), rank=int(rank),
+                      scale=float(scale), var_clamp=float(var_clamp))
 
 
 def recalibrate(model, params_S: PyTree, x: np.ndarray, *, batch_stats: PyTree,
