@@ -297,6 +297,18 @@ def train_step(state, batch, key, *, model, tx, num_members: int | None = None):
 
   Returns:
     (state, {"loss", "accuracy" (mean over members), "grad_norm"}).
+
+  >>> import functools, numpy as np, optax
+  >>> from ensembling import members, train
+  >>> x = np.random.default_rng(0).normal(size=(32, 5)).astype(np.float32)
+  >>> y = (x[:, 0] > 0).astype(np.int32)
+  >>> model, tx = BatchEnsembleMLP(widths=(8,), num_classes=2, num_members=3), optax.sgd(0.1)
+  >>> state = members.init_state(model.init(jax.random.key(0), repeat_batch(x[:1], num_members=3)), tx)
+  >>> batch_fn, _ = train.make_batch_fn(x, y, seed=0, batch_size=8, num_members=3)
+  >>> state, _, _ = train.fit(state, step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx)),
+  ...                         batch_fn=batch_fn, num_steps=4, key=jax.random.key(1), progress=False)
+  >>> int(state["step"]), predict(model, state, x).shape        # one model; (K, N, C) logits
+  (4, (3, 32, 2))
   """
   from ensembling import members
   k = _num_members_of(model, num_members)
