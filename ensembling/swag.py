@@ -324,7 +324,7 @@ class SwagRun(NamedTuple):
 def fit(model, plan: trajectory.Plan, x: np.ndarray, y: np.ndarray, *, rank: int,
         optimizer: Callable[[optax.Schedule], optax.GradientTransformation],
         batch_size: int, seed: int, num_runs: int = 1, workdir: str | None = None,
-        weight_decay=None, **fit_kwargs) -> SwagRun:
+        weight_decay=None, init_variables: PyTree = None, **fit_kwargs) -> SwagRun:
   """Trains `num_runs` runs under `plan` and collects SWAG at its `average_steps`.
 
   Initialisation, data order and checkpoints as `trajectory.fit` (checkpoints in
@@ -341,6 +341,7 @@ def fit(model, plan: trajectory.Plan, x: np.ndarray, y: np.ndarray, *, rank: int
     num_runs: K runs trained at once.
     workdir: checkpoints and metrics (None: nothing written).
     weight_decay: scalar or per-run values (with `optim.make_optimizer`).
+    init_variables: stacked (K, ...) variables to start from instead of a fresh init.
     **fit_kwargs: passed to `train.fit_members` (eval_data, eval_every, strategy, ...).
 
   Returns:
@@ -351,7 +352,7 @@ def fit(model, plan: trajectory.Plan, x: np.ndarray, y: np.ndarray, *, rank: int
                      "trajectory.swa_plan.")
   tx = optimizer(plan.schedule)
   state = train.init_member_state(model, x[:1], num_members=num_runs, tx=tx, seed=seed,
-                                  weight_decay=weight_decay)
+                                  weight_decay=weight_decay, init_variables=init_variables)
   collector = swag_collector(collect_steps=plan.average_steps, rank=rank)
   res = train.fit_members(state, model, x, y, tx=tx, num_steps=plan.total_steps,
                           batch_size=batch_size, seed=seed,

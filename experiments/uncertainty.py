@@ -71,24 +71,25 @@ def run(config, workdir: str):
   predict = lambda model, v: functools.partial(members.predict, model, v)
   methods = {}  # name: (x -> (K, N, C) logits, seconds, train FLOPs x, passes, test FLOPs x)
 
-  def deep(model, name, num):
+  v0 = members.init_members(jax.random.key(seed), base, xb[:1], 1)  # = every K = 1 run's init
+  def deep(model, name, num, init=None):
     res = train.train_members(model, x, y, num_members=num, tx=tx, epochs=e, workdir=wd(name),
-                              schedule=sched, strategy=config.members_strategy, **kw)
+                              schedule=sched, strategy=config.members_strategy,
+                              init_variables=init, **kw)
     return res, predict(model, res.state)
-
-  res, single = deep(base, "single", 1)
+  res, single = deep(base, "single", 1, v0)
   f1 = _fwd(base, first(res.state), xb)                        # one model on one batch
   methods["single model"] = (single, res.seconds, 1, 1, 1)
   ens_res, ens = deep(base, "deep_ensemble", k)
   methods[f"deep ensemble ({k})"] = (ens, ens_res.seconds, k, k, k)
   drop, s = MLP(widths=widths, num_classes=c, dropout=float(u.mc_dropout)), int(u.mc_samples)
-  res, _ = deep(drop, "mc_dropout", 1)
+  res, _ = deep(drop, "mc_dropout", 1, v0)            # dropout adds no parameters
   v, keys = members.variables_of(first(res.state)), jax.random.split(jax.random.key(seed + 7), s)
   mc = jax.jit(jax.vmap(lambda kk, xs: as_model(drop).apply(v, xs, train=True, key=kk)[0].logits,
                         (0, None)))                      # S dropout masks, one pass each
   methods[f"MC dropout ({s} passes)"] = (lambda xs: np.asarray(mc(keys, xs)), res.seconds, 1, s, s)
   sw = swag.fit(base, configlib.trajectory_plan("swa", config, spe), x, y, rank=int(u.swag_rank),
-                optimizer=opt, workdir=wd("swag"), **kw)
+                optimizer=opt, workdir=wd("swag"), init_variables=v0, **kw)
   st, s = swag.run_state(sw.swag, 0), int(u.swag_samples)
   methods["SWA"] = (predict(base, {"params": jax.tree.map(lambda a: a[None], st["mean"])}),
                     sw.seconds, 1, 1, 1)
@@ -102,8 +103,7 @@ def run(config, workdir: str):
     m = len(tr.plan.snapshot_steps)
     methods[f"{label} ({m} snapshots)"] = (predict(base, first(tr.snapshots)),
                                            time.perf_counter() - t0, 1, m, m)
-  def one_model(name, model, x0, step, predict_fn, *, k_batches=None, rows=1):  # ONE state
-    # x0: the model's input for bs examples (BatchEnsemble: K*bs rows, MIMO: (bs, K, ...))
+  def one_model(name, model, x0, step, predict_fn, *, k_batches=None, rows=1):  # x0: bs inputs
     state = members.init_state(jax.jit(as_model(model).init)(jax.random.key(seed), x0), tx)
     batch_fn, _ = train.make_batch_fn(x, y, seed=seed, batch_size=bs, num_members=k_batches)
     t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def test_uncertainty_runlocal(tmp_path):
   assert list(rows) == ["single model", "deep ensemble (2)", "MC dropout (3 passes)", "SWA",
                         "SWAG (3 samples)", "SSE (2 snapshots)", "FGE (2 snapshots)",
                         "BatchEnsemble (2)", "MIMO (2)", "Packed-Ensemble (2, alpha=2)",
-                        "distilled student (T=2)"]
+                        "distilled student (T=1)"]
   sets = ["digits", "rotate60", "noise0.4", "contrast0.2", "other"]
   assert res["sets"]["test"] == [200, 28, 28, 1] and res["sets"]["digits"] == [200, 28, 28, 1]
   for name, r in rows.items():
@@ -93,7 +93,7 @@ def test_uncertainty_runlocal(tmp_path):
   assert (de["train_flops_x"], de["passes"], de["infer_flops_x"]) == (2.0, 2, 2.0)
   assert (single["train_flops_x"], single["train_time_x"]) == (1.0, 1.0)
   assert rows["SWAG (3 samples)"]["train_s"] == rows["SWA"]["train_s"]     # one run, two rows
-  student = rows["distilled student (T=2)"]
+  student = rows["distilled student (T=1)"]
   for m in ("nll", "ece"):
     assert res["gain_retained"][m] == pytest.approx(
         (single[m] - student[m]) / (single[m] - de[m]))
