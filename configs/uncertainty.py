@@ -14,7 +14,11 @@ CNN model exists; the thesis CNN for eleven methods does not fit the CPU budget)
 55,000 images: `--config.data.limit_train=0`. Any IDX
 directory as an extra OOD set: `--config.ood.dir=../shared/data/mnist
 --config.ood.name=mnist`. Seconds-long smoke run: `configs/uncertainty.py:runlocal`.
-Measured table, command and run time: docs/results_uncertainty.md.
+Measured (test, 9 min on the shared 2-core CPU): single model 0.881 accuracy / NLL 0.383 /
+ECE 0.047; deep ensemble 0.884 / 0.357 / 0.038 (digits AUROC 0.954 vs 0.922); SSE and MC
+dropout lower NLL (0.347, 0.349), Packed lowest ECE (0.014); BatchEnsemble, MIMO, Packed
+below the single model in accuracy; the student keeps 72% of the ensemble's NLL gain.
+Full table, commands and orderings: docs/results_uncertainty.md.
 """
 
 import ml_collections
