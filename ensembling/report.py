@@ -14,7 +14,7 @@ METRIC_NAMES = ("accuracy", "nll", "ece", "brier")
 
 
 def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15, val_logits=None,
-                    val_labels=None) -> dict[str, Any]:
+                    val_labels=None, ood_logits=None) -> dict[str, Any]:
   """Every member and every combination of them, on one labelled split.
 
   The best member is the one with the highest accuracy on the validation split
@@ -27,6 +27,9 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15, val_logits=No
   (probability averaging), `logit_average`, `vote` (accuracy only: vote shares are
   not calibrated probabilities), `disagreement` (K x K), `mean_disagreement` and
   `accuracy_vs_members` (the prob. average of the first k members, k = 1..K).
+
+  With `ood_logits` (the same members' logits on OOD sets) it also has `ood` and
+  `auroc_<set>` columns in every row (see `with_ood_columns`).
   """
   logits = np.asarray(logits_KxBxC)
   probs_K = ensemble.members_probs(logits)
@@ -40,7 +43,7 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15, val_logits=No
     best, selected_on = max(range(len(per)), key=lambda i: per[i]["accuracy"]), "test"
   preds = probs_K.argmax(-1)
   logit_probs = np.asarray(ensemble.average_probs(ensemble.average_logits(logits)[None]))
-  return {
+  out = {
       "members": per,
       "best_member": {"index": best, "selected_on": selected_on, **per[best]},
       "mean_member": {n: float(np.mean([p[n] for p in per])) for n in METRIC_NAMES},
@@ -52,6 +55,7 @@ def ensemble_report(logits_KxBxC, labels_B, *, num_bins: int = 15, val_logits=No
       "mean_disagreement": metrics.mean_disagreement(preds),
       "accuracy_vs_members": accuracy_vs_members(logits, labels_B),
   }
+  return out if ood_logits is None else with_ood_columns(out, logits, ood_logits)
 
 
 def accuracy_vs_members(logits_KxBxC, labels_B) -> list[float]:
@@ -219,10 +223,58 @@ def cells_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], *,
   """A Markdown table from a header and rows of cells (see `cell`).
 
   >>> print(cells_table(["", "acc"], [["a", 0.5], ["b", None]]), end="")
-  |  | acc |
+  | | acc |
   |---|---|
   | a | 0.5000 |
   | b | - |
   """
-  line = lambda cells: "| " + " | ".join(cell(c, digits=digits) for c in cells) + " |\n"
+  line = lambda cells: ("| " + " | ".join(cell(c, digits=digits) for c in cells)
+                        + " |\n").replace("|  |", "| |")
   return line(header) + "|" + "---|" * len(header) + "\n" + "".join(line(r) for r in rows)
+
+
+# --------------------------------------------------------------------------- OOD columns
+
+OOD_SCORE = "predictive_entropy"  # the score of the auroc_<set> columns (defined for K >= 1)
+
+
+def with_ood_columns(report: Mapping[str, Any], logits_KxBxC, ood_logits, *,
+                     score: str = OOD_SCORE) -> dict[str, Any]:
+  """An `ensemble_report` with OOD detection added (`uncertainty.ood_report`).
+
+  Args:
+    report: what `ensemble_report` returned for `logits_KxBxC` (not modified).
+    logits_KxBxC: the in-distribution logits of the K members.
+    ood_logits: {set name: (K, M, C) logits of the same members on that OOD set}, or one
+      array (named "ood").
+    score: the uncertainty score of the `auroc_<set>` columns.
+
+  Returns:
+    A new report with `ood[set] = {"ensemble": ood_report of the members' probabilities
+    (all scores), "members": [each member's as a single model]}` and `auroc_<set>` (the
+    `score`'s AUROC) in every member's, the best and mean member's and the ensemble's
+    metrics.
+  """
+  from ensembling import uncertainty
+  sets = ood_logits if isinstance(ood_logits, Mapping) else {"ood": ood_logits}
+  logits = np.asarray(logits_KxBxC)
+  probs_in = ensemble.members_probs(logits)
+  out = {**report, "ood": {}, "members": [dict(m) for m in report["members"]],
+         "ensemble": dict(report["ensemble"]), "mean_member": dict(report["mean_member"]),
+         "best_member": dict(report["best_member"])}
+  for name, lg in sets.items():
+    lg = np.asarray(lg)
+    if lg.ndim != 3 or lg.shape[0] != logits.shape[0] or lg.shape[2] != logits.shape[2]:
+      raise ValueError(f"ood_logits[{name!r}] has shape {lg.shape}; it must hold the same "
+                       f"{logits.shape[0]} members' logits over {logits.shape[2]} classes: "
+                       f"(K={logits.shape[0]}, M, C={logits.shape[2]}).")
+    probs_out = ensemble.members_probs(lg)
+    per = [uncertainty.ood_report(p, q) for p, q in zip(probs_in, probs_out)]
+    out["ood"][name] = {"ensemble": uncertainty.ood_report(probs_in, probs_out), "members": per}
+    col = f"auroc_{name}"
+    out["ensemble"][col] = out["ood"][name]["ensemble"][score]["auroc"]
+    for m, r in zip(out["members"], per):
+      m[col] = r[score]["auroc"]
+    out["mean_member"][col] = float(np.mean([r[score]["auroc"] for r in per]))
+    out["best_member"][col] = per[report["best_member"]["index"]][score]["auroc"]
+  return out

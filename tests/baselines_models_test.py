@@ -367,3 +367,171 @@ def test_packed_bad_input_raises():
     packed.PackedConv(4, (3, 3), 2).init(key, jnp.ones((2, 6, 6, 3)))
   with pytest.raises(ValueError, match="widths is empty"):
     packed.PackedMLP(widths=(), num_estimators=2).init(key, jnp.ones((2, 4)))
+
+
+# --- training with the library's loop: ONE model state, (K, B, C) logits ----------------
+
+import functools  # noqa: E402
+
+import optax  # noqa: E402
+
+from ensembling import members, train  # noqa: E402
+
+
+def _np_ce(logits, labels):
+  """Per-row cross-entropy in float64 NumPy."""
+  z = np.asarray(logits, np.float64)
+  logp = z - z.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  return -np.take_along_axis(logp, np.asarray(labels)[..., None], -1)[..., 0]
+
+
+def _sgd_state(params, lr=0.1):
+  tx = optax.sgd(lr)
+  return members.init_state({"params": params}, tx), tx
+
+
+def _labels(shape, c, seed=0):
+  return np.random.default_rng(200 + seed).integers(0, c, shape).astype(np.int32)
+
+
+def test_batchensemble_step_is_sgd_on_every_members_own_cross_entropy():
+  k, b, widths, c = 3, 4, (5,), 3
+  model = be.BatchEnsembleMLP(widths=widths, num_classes=c, num_members=k)
+  x, y = _x((k, b, 6)), _labels((k, b), c)
+  p = _init(model, x.reshape(k * b, 6))
+  state, tx = _sgd_state(p)
+  step = jax.jit(functools.partial(be.train_step, model=model, tx=tx))
+  new, m = step(state, {"x": x, "y": y}, jax.random.key(0))
+
+  def member_logits(params, j):   # member j = an MLP with W o (r_j s_j^T), on its own x[j]
+    mp = {n: {"kernel": q["kernel"] * jnp.outer(q["r"][j], q["s"][j]), "bias": q["bias"][j]}
+          for n, q in params.items()}
+    return MLP(widths=widths, num_classes=c).apply({"params": mp}, x[j]).logits
+
+  want = np.mean([_np_ce(member_logits(p, j), y[j]).mean() for j in range(k)])
+  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+  grads = jax.jit(jax.grad(lambda q: sum(optax.softmax_cross_entropy_with_integer_labels(
+      member_logits(q, j), y[j]).mean() for j in range(k)) / k))(p)
+  jax.tree.map(lambda a, b_, g: np.testing.assert_allclose(a, b_ - 0.1 * g, **TOL),
+               new["params"], p, grads)
+  assert np.shape(new["step"]) == ()                   # one model, not a member axis
+  # A plain batch trains every member on the same examples (uncertainty-baselines' tiling).
+  same, _ = step(state, {"x": x[0], "y": y[0]}, jax.random.key(0))
+  tiled, _ = step(state, {"x": np.stack([x[0]] * k), "y": np.stack([y[0]] * k)},
+                  jax.random.key(0))
+  jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, **TOL), same["params"],
+               tiled["params"])
+
+
+def test_mimo_step_sums_the_heads_cross_entropies_on_their_own_shuffles():
+  k, b, c = 3, 6, 4
+  model = mimo.MIMOMLP(widths=(8,), num_classes=c, num_members=k)
+  x, y = _x((b, 5)), _labels((b,), c)
+  p = _init(model, mimo.repeat_input(x, num_members=k))
+  state, tx = _sgd_state(p)
+  key = jax.random.key(3)
+  new, m = jax.jit(functools.partial(mimo.train_step, model=model, tx=tx, repeat_prob=0.5,
+                                     batch_repetitions=2))(state, {"x": x, "y": y}, key)
+  shuffle_key, _ = jax.random.split(key)                 # the documented key split
+  xm, ym = mimo.mimo_batch(shuffle_key, x, y, num_members=k, repeat_prob=0.5,
+                           batch_repetitions=2)
+  logits = model.apply({"params": p}, xm).logits
+  want = sum(_np_ce(logits[j], ym[j]).mean() for j in range(k))   # summed over heads
+  np.testing.assert_allclose(float(m["loss"]), want, rtol=1e-5)
+  grads = jax.jit(jax.grad(lambda q: sum(optax.softmax_cross_entropy_with_integer_labels(
+      model.apply({"params": q}, xm).logits[j], ym[j]).mean() for j in range(k))))(p)
+  jax.tree.map(lambda a, b_, g: np.testing.assert_allclose(a, b_ - 0.1 * g, **TOL),
+               new["params"], p, grads)
+
+
+def test_packed_step_trains_every_estimator_as_its_own_small_mlp():
+  m, b, widths, c = 2, 5, (8, 8), 3
+  model = packed.PackedMLP(widths=widths, num_classes=c, num_estimators=m, alpha=2)
+  x, y = _x((b, 6)), _labels((b,), c)
+  p = _np(_init(model, x))
+  state, tx = _sgd_state(p)
+  new, met = jax.jit(functools.partial(packed.train_step, model=model, tx=tx))(
+      state, {"x": x, "y": y}, jax.random.key(0))
+  small = MLP(widths=(8, 8), num_classes=c)         # alpha * w / M = 8
+  per = []
+  for j in range(m):
+    q = _packed_member_mlp_params(p, j, len(widths), c)
+    ce = lambda q_: optax.softmax_cross_entropy_with_integer_labels(
+        small.apply({"params": q_}, x).logits, y).mean()
+    per.append(_np_ce(small.apply({"params": q}, x).logits, y).mean())
+    g = jax.jit(jax.grad(ce))(q)                    # estimator j's own loss, weight 1/M
+    got = _packed_member_mlp_params(_np(new["params"]), j, len(widths), c)
+    jax.tree.map(lambda a, b_, gg: np.testing.assert_allclose(a, b_ - 0.1 * gg / m, **TOL),
+                 got, q, g)
+  np.testing.assert_allclose(float(met["loss"]), np.mean(per), rtol=1e-5)
+
+
+def _one_model(name):
+  if name == "batchensemble":
+    model = be.BatchEnsembleMLP(widths=(8,), num_classes=3, num_members=2)
+    return model, functools.partial(be.train_step, model=model), 2, (be.repeat_batch, 2)
+  if name == "mimo":
+    model = mimo.MIMOMLP(widths=(8,), num_classes=3, num_members=2)
+    return model, functools.partial(mimo.train_step, model=model), None, (mimo.repeat_input, 2)
+  model = packed.PackedMLP(widths=(8,), num_classes=3, num_estimators=2, alpha=2)
+  return model, functools.partial(packed.train_step, model=model), None, None
+
+
+@pytest.mark.parametrize("name", ["batchensemble", "mimo", "packed"])
+def test_train_fit_trains_the_efficient_ensembles_as_one_model(name):
+  """train.fit with the module's step == the step looped by hand (same batches and keys)."""
+  model, step, k, prep = _one_model(name)
+  x, y = _x((40, 4)), _labels((40,), 3)
+  x0 = prep[0](x[:1], num_members=prep[1]) if prep else x[:1]
+  tx = optax.sgd(0.05, momentum=0.9)
+  state = members.init_state(model.init(jax.random.key(0), x0), tx)
+  step = jax.jit(functools.partial(step, tx=tx))
+  batch_fn, _ = train.make_batch_fn(x, y, seed=0, batch_size=8, num_members=k)
+  got, _, hist = train.fit(state, step_fn=step, batch_fn=batch_fn, num_steps=6,
+                           key=jax.random.key(1), progress=False)
+  ref = state
+  for t in range(6):
+    ref, _ = step(ref, batch_fn(t), jax.random.fold_in(jax.random.key(1), t))
+  jax.tree.map(lambda a, b_: np.testing.assert_allclose(a, b_, rtol=1e-6, atol=1e-6),
+               got["params"], ref["params"])
+  assert int(got["step"]) == 6 and "member" not in hist[-1]
+
+
+@pytest.mark.parametrize("name", ["batchensemble", "mimo", "packed"])
+def test_predict_in_chunks_equals_one_forward_pass(name):
+  model, _, _, prep = _one_model(name)
+  x = _x((7, 4))
+  v = {"params": _init(model, prep[0](x, num_members=prep[1]) if prep else x)}
+  mod = {"batchensemble": be, "mimo": mimo, "packed": packed}[name]
+  got = mod.predict(model, v, x, batch_size=3)        # chunks of 3, 3, 1
+  want = model.apply(v, prep[0](x, num_members=prep[1]) if prep else x).logits
+  assert got.shape == (2, 7, 3)
+  np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_training_bad_input_raises():
+  model = be.BatchEnsembleMLP(widths=(4,), num_classes=3, num_members=2)
+  p = _init(model, jnp.ones((4, 3)))
+  state, tx = _sgd_state(p)
+  with pytest.raises(ValueError, match="K=2"):
+    be.train_step(state, {"x": jnp.ones((3, 2, 3)), "y": jnp.zeros((3, 2), jnp.int32)},
+                  jax.random.key(0), model=model, tx=tx)
+  with pytest.raises(ValueError, match="num_members"):
+    be.member_batch({"x": jnp.ones((2, 3)), "y": jnp.zeros(2, jnp.int32)}, num_members=0)
+  with pytest.raises(ValueError, match="num_members=K"):
+    mimo.predict(nn.Dense(3), {"params": {}}, np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r"\(K, B, C\)"):
+    be.loss(jnp.zeros((2, 4, 3)), jnp.zeros((2, 5), jnp.int32))
+  with pytest.raises(ValueError, match=r"\(K, B, C\)"):
+    mimo.loss(jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32))
+  mm = mimo.MIMOMLP(widths=(4,), num_classes=3, num_members=2)
+  with pytest.raises(ValueError, match="plain batch"):
+    mimo.train_step(state, {"x": jnp.ones((2, 4, 3)), "y": jnp.zeros((2, 4), jnp.int32)},
+                    jax.random.key(0), model=mm, tx=tx)
+  pm = packed.PackedMLP(widths=(8,), num_classes=3, num_estimators=2)
+  with pytest.raises(ValueError, match="shared batch"):
+    packed.train_step(state, {"x": jnp.ones((2, 4, 3)), "y": jnp.zeros((2, 4), jnp.int32)},
+                      jax.random.key(0), model=pm, tx=tx)
+  with pytest.raises(ValueError, match="batch_size"):
+    packed.predict(pm, {"params": {}}, np.ones((2, 3)), batch_size=0)

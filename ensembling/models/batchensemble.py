@@ -19,11 +19,14 @@ p = 0.5), a value v < 0 draws N(1, v^2) (their default, v = -0.5).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 from ensembling.models.common import Output
 
@@ -212,3 +215,146 @@ class BatchEnsembleMLP(nn.Module):
     logits = BEDense(self.num_classes, k, fast_init=init, name="head")(h)
     b = xk.shape[1]
     return Output(h.reshape((k, b, -1)), logits.reshape((k, b, self.num_classes)))
+
+
+# --------------------------------------------------------------------------- training
+
+def _num_members_of(model, num_members):
+  """K from the argument, else from the model's (or wrapped module's) `num_members`."""
+  k = num_members
+  if k is None:
+    k = getattr(model, "num_members", None)
+    k = getattr(getattr(model, "module", None), "num_members", None) if k is None else k
+  if k is None:
+    raise ValueError("Cannot tell the ensemble size: pass num_members=K (the model has no "
+                     "`num_members` attribute).")
+  _check_members(k)
+  return k
+
+
+def _check_member_logits(logits, labels, name):
+  if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+    raise ValueError(f"{name} expects member logits (K, B, C) and labels (K, B), got "
+                     f"{logits.shape} and {labels.shape}.")
+
+
+def loss(logits_KxBxC, labels_KxB) -> jax.Array:
+  """Every member's cross-entropy on its own labels, averaged over members and examples.
+
+  As uncertainty-baselines' BatchEnsemble (labels tiled K times, one `reduce_mean`):
+  mean_k mean_b -log softmax(logits[k, b])[labels[k, b]].
+
+  Args:
+    logits_KxBxC: member-first logits.
+    labels_KxB: integer labels, member k's in row k.
+
+  Returns:
+    A scalar.
+  """
+  _check_member_logits(logits_KxBxC, labels_KxB, "batchensemble.loss")
+  return optax.softmax_cross_entropy_with_integer_labels(logits_KxBxC, labels_KxB).mean()
+
+
+def member_batch(batch, *, num_members: int) -> dict:
+  """The model's training batch: inputs (K*B, ...) member-major, labels (K, B).
+
+  Args:
+    batch: {"x": (K, B, ...), "y": (K, B)}: member k trains on its own B examples
+      (`train.make_batch_fn(..., num_members=K)`, torch-uncertainty's default); or
+      {"x": (B, ...), "y": (B,)}: every member on the same batch (uncertainty-baselines
+      tiles it).
+    num_members: K.
+
+  Returns:
+    {"x": (K*B, ...), "y": (K, B)}.
+  """
+  _check_members(num_members)
+  x, y = jnp.asarray(batch["x"]), jnp.asarray(batch["y"])
+  k = num_members
+  if y.ndim == 1:
+    if x.shape[:1] != y.shape:
+      raise ValueError(f"x {x.shape} and y {y.shape} must share the batch axis.")
+    return {"x": repeat_batch(x, num_members=k), "y": jnp.broadcast_to(y, (k,) + y.shape)}
+  if y.ndim != 2 or y.shape[0] != k or x.shape[:2] != y.shape:
+    raise ValueError(f"A per-member batch must be x (K, B, ...) and y (K, B) with K={k}, got "
+                     f"{x.shape} and {y.shape}.")
+  return {"x": x.reshape((k * y.shape[1],) + x.shape[2:]), "y": y}
+
+
+def train_step(state, batch, key, *, model, tx, num_members: int | None = None):
+  """One optimizer step of the whole BatchEnsemble: ONE model state, no member axis.
+
+  `jax.jit(functools.partial(train_step, model=m, tx=tx))` is a `train.fit` step_fn for
+  a state from `members.init_state(variables, tx)`.
+
+  Args:
+    state: {"params", "batch_stats", "opt_state", "step"} of the one model.
+    batch: see `member_batch`.
+    key: dropout key.
+    model: anything `models.as_model` accepts returning (K, B, C) logits.
+    tx: the optimizer.
+    num_members: K (default: the model's `num_members`).
+
+  Returns:
+    (state, {"loss", "accuracy" (mean over members), "grad_norm"}).
+
+  >>> import functools, numpy as np, optax
+  >>> from ensembling import members, train
+  >>> x = np.random.default_rng(0).normal(size=(32, 5)).astype(np.float32)
+  >>> y = (x[:, 0] > 0).astype(np.int32)
+  >>> model, tx = BatchEnsembleMLP(widths=(8,), num_classes=2, num_members=3), optax.sgd(0.1)
+  >>> state = members.init_state(model.init(jax.random.key(0), repeat_batch(x[:1], num_members=3)), tx)
+  >>> batch_fn, _ = train.make_batch_fn(x, y, seed=0, batch_size=8, num_members=3)
+  >>> state, _, _ = train.fit(state, step_fn=jax.jit(functools.partial(train_step, model=model, tx=tx)),
+  ...                         batch_fn=batch_fn, num_steps=4, key=jax.random.key(1), progress=False)
+  >>> int(state["step"]), predict(model, state, x).shape        # one model; (K, N, C) logits
+  (4, (3, 32, 2))
+  """
+  from ensembling import members
+  k = _num_members_of(model, num_members)
+  return members.train_step(state, member_batch(batch, num_members=k), key, model=model,
+                            tx=tx, loss_fn=loss)
+
+
+def predict(model, variables, x, *, num_members: int | None = None,
+            batch_size: int = 1000):
+  """Every member's logits (K, N, C) on `x`: one forward pass of the repeated batch per chunk.
+
+  Args:
+    model: the BatchEnsemble model (anything `models.as_model` accepts).
+    variables: {"params", ...} (a training state works).
+    x: inputs (N, ...).
+    num_members: K (default: the model's `num_members`).
+    batch_size: examples per forward pass (K * batch_size rows).
+
+  Returns:
+    NumPy logits (K, N, C).
+  """
+  k = _num_members_of(model, num_members)
+  return _chunked(_predict_fn(_as_model(model), k), _variables(variables), x, batch_size)
+
+
+def _as_model(model):
+  from ensembling.models.contract import as_model
+  return as_model(model)
+
+
+def _variables(tree):
+  from ensembling import members
+  return members.variables_of(tree)
+
+
+def _chunked(fn, variables, x, batch_size):
+  """fn(variables, chunk) -> (K, b, C) over chunks of `batch_size`, concatenated on axis 1."""
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+  outs = [np.asarray(fn(variables, jnp.asarray(x[i:i + batch_size])))
+          for i in range(0, len(x), batch_size)]
+  if not outs:
+    raise ValueError("predict got no examples.")
+  return np.concatenate(outs, axis=1)
+
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(m, k):
+  return jax.jit(lambda v, xb: m.apply(v, repeat_batch(xb, num_members=k), train=False)[0].logits)

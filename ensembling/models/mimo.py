@@ -16,11 +16,13 @@ Layouts:
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from ensembling.models.common import Output
 
@@ -174,3 +176,81 @@ class MIMOCNN(nn.Module):
     features = h.reshape((b, -1))
     logits = nn.Dense(k * self.num_classes, name="head")(features)
     return Output(features, jnp.transpose(logits.reshape((b, k, self.num_classes)), (1, 0, 2)))
+
+
+# --------------------------------------------------------------------------- training
+# (shared helpers: batchensemble's ensemble-size lookup, label check and chunked predict)
+
+def loss(logits_KxBxC, labels_KxB) -> jax.Array:
+  """The heads' cross-entropies summed, averaged over the batch (the paper's and
+  uncertainty-baselines' MIMO loss): sum_k mean_b -log softmax(logits[k, b])[labels[k, b]].
+
+  Args:
+    logits_KxBxC: the heads' logits.
+    labels_KxB: head k's labels in row k (`mimo_batch`'s y).
+
+  Returns:
+    A scalar.
+  """
+  from ensembling.models import batchensemble
+  batchensemble._check_member_logits(logits_KxBxC, labels_KxB, "mimo.loss")
+  return optax.softmax_cross_entropy_with_integer_labels(logits_KxBxC, labels_KxB).mean(1).sum()
+
+
+def train_step(state, batch, key, *, model, tx, num_members: int | None = None,
+               repeat_prob: float = 0.0, batch_repetitions: int = 1):
+  """One optimizer step of the MIMO network: ONE model state, no member axis.
+
+  The plain batch {"x": (B, ...), "y": (B,)} (`train.make_batch_fn(x, y, ...)`) becomes
+  `mimo_batch(shuffle_key, x, y, ...)` with `shuffle_key, dropout_key = split(key)`, so
+  each head trains on its own shuffle of the batch. For `train.fit`:
+  `jax.jit(functools.partial(train_step, model=m, tx=tx, num_members=K))` on
+  `members.init_state(variables, tx)`.
+
+  Args:
+    state: {"params", "batch_stats", "opt_state", "step"}.
+    batch: {"x": (B, ...), "y": (B,)}.
+    key: this step's key.
+    model: the MIMO model (inputs (B, K, ...), logits (K, B, C)).
+    tx: the optimizer.
+    num_members: K (default: the model's `num_members`).
+    repeat_prob, batch_repetitions: see `mimo_batch`.
+
+  Returns:
+    (state, {"loss", "accuracy" (mean over heads), "grad_norm"}).
+  """
+  from ensembling import members
+  from ensembling.models import batchensemble
+  k = batchensemble._num_members_of(model, num_members)
+  if jnp.ndim(batch["y"]) != 1:
+    raise ValueError(f"MIMO trains on a plain batch (x (B, ...), y (B,)); got y of shape "
+                     f"{jnp.shape(batch['y'])}.")
+  shuffle_key, dropout_key = jax.random.split(key)
+  xm, ym = mimo_batch(shuffle_key, batch["x"], batch["y"], num_members=k,
+                      repeat_prob=repeat_prob, batch_repetitions=batch_repetitions)
+  return members.train_step(state, {"x": xm, "y": ym}, dropout_key, model=model, tx=tx,
+                            loss_fn=loss)
+
+
+def predict(model, variables, x, *, num_members: int | None = None, batch_size: int = 1000):
+  """Every head's logits (K, N, C): one forward pass of `repeat_input(x)` per chunk.
+
+  Args:
+    model: the MIMO model.
+    variables: {"params", ...} (a training state works).
+    x: inputs (N, ...).
+    num_members: K (default: the model's `num_members`).
+    batch_size: examples per forward pass.
+
+  Returns:
+    NumPy logits (K, N, C).
+  """
+  from ensembling.models import batchensemble
+  k = batchensemble._num_members_of(model, num_members)
+  return batchensemble._chunked(_predict_fn(batchensemble._as_model(model), k),
+                                batchensemble._variables(variables), x, batch_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(m, k):
+  return jax.jit(lambda v, xb: m.apply(v, repeat_input(xb, num_members=k), train=False)[0].logits)

@@ -19,11 +19,13 @@ rounds the channel counts up; gamma is not silently lowered.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from ensembling.models.common import Output
 
@@ -209,3 +211,71 @@ class PackedMLP(nn.Module):
     b = x.shape[0]
     per_member = lambda a: jnp.transpose(a.reshape((b, m, -1)), (1, 0, 2))
     return Output(per_member(h), per_member(logits))
+
+
+# --------------------------------------------------------------------------- training
+# (shared helpers: batchensemble's label check and chunked predict)
+
+def loss(logits_MxBxC, labels) -> jax.Array:
+  """Every estimator's cross-entropy, averaged over estimators and examples
+  (torch-uncertainty: `criterion(logits, targets.repeat(M))`).
+
+  Args:
+    logits_MxBxC: the estimators' logits.
+    labels: (B,) shared by all estimators, or (M, B).
+
+  Returns:
+    A scalar.
+  """
+  from ensembling.models import batchensemble
+  labels = jnp.asarray(labels)
+  if labels.ndim == 1 and logits_MxBxC.ndim == 3:
+    labels = jnp.broadcast_to(labels, logits_MxBxC.shape[:1] + labels.shape)
+  batchensemble._check_member_logits(logits_MxBxC, labels, "packed.loss")
+  return optax.softmax_cross_entropy_with_integer_labels(logits_MxBxC, labels).mean()
+
+
+def train_step(state, batch, key, *, model, tx):
+  """One optimizer step of the Packed-Ensemble: ONE model state, no member axis.
+
+  All estimators see the same batch {"x": (B, ...), "y": (B,)} (the input is shared).
+  For `train.fit`: `jax.jit(functools.partial(train_step, model=m, tx=tx))` on
+  `members.init_state(variables, tx)`.
+
+  Args:
+    state: {"params", "batch_stats", "opt_state", "step"}.
+    batch: {"x": (B, ...), "y": (B,)}.
+    key: dropout key.
+    model: the packed model (logits (M, B, C)).
+    tx: the optimizer.
+
+  Returns:
+    (state, {"loss", "accuracy" (mean over estimators), "grad_norm"}).
+  """
+  from ensembling import members
+  if jnp.ndim(batch["y"]) != 1:
+    raise ValueError(f"A Packed-Ensemble trains on one shared batch (x (B, ...), y (B,)); got "
+                     f"y of shape {jnp.shape(batch['y'])}.")
+  return members.train_step(state, batch, key, model=model, tx=tx, loss_fn=loss)
+
+
+def predict(model, variables, x, *, batch_size: int = 1000):
+  """Every estimator's logits (M, N, C): one forward pass per chunk.
+
+  Args:
+    model: the packed model.
+    variables: {"params", ...} (a training state works).
+    x: inputs (N, ...).
+    batch_size: examples per forward pass.
+
+  Returns:
+    NumPy logits (M, N, C).
+  """
+  from ensembling.models import batchensemble
+  return batchensemble._chunked(_predict_fn(batchensemble._as_model(model)),
+                                batchensemble._variables(variables), x, batch_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _predict_fn(m):
+  return jax.jit(lambda v, xb: m.apply(v, xb, train=False)[0].logits)
