@@ -295,7 +295,8 @@ def fit(model, plan: Plan, x: np.ndarray, y: np.ndarray, *,
         batch_size: int, seed: int, workdir: str | None = None, eval_data: tuple | None = None,
         eval_split: str = "val", eval_every: int = 0, checkpoint_every: int = 0,
         weight_decay=None, strategy: str = "auto", eval_batch_size: int = 1000,
-        star_reset_optimizer: bool = False, progress: bool = True) -> Trajectory:
+        star_reset_optimizer: bool = False, progress: bool = True,
+        init_variables: PyTree = None) -> Trajectory:
   """Trains `num_runs` independent runs of `model` under `plan`, collecting what it says.
 
   Run k is initialised from `split(key(seed), K)[k]` and reads its own batch order
@@ -320,6 +321,8 @@ def fit(model, plan: Plan, x: np.ndarray, y: np.ndarray, *,
     eval_batch_size: inference chunk size.
     star_reset_optimizer: StarSSE cycles start from a fresh optimizer state.
     progress: progress bars.
+    init_variables: stacked (K, ...) variables to start from instead of a fresh init: a
+      pre-trained checkpoint for fine-tuning (StarSSE's transfer setting).
 
   Returns:
     A `Trajectory`.
@@ -333,7 +336,7 @@ def fit(model, plan: Plan, x: np.ndarray, y: np.ndarray, *,
                 strategy=strategy, eval_batch_size=eval_batch_size, progress=progress,
                 schedule=plan.schedule)
   state = train.init_member_state(model, x[:1], num_members=num_runs, tx=tx, seed=seed,
-                                  weight_decay=weight_decay)
+                                  weight_decay=weight_decay, init_variables=init_variables)
   if plan.method == "starsse":
     m, cyc = plan.num_cycles, plan.cycle_steps
     first = train.fit_members(state, seed=seed, num_steps=cyc, workdir=sub("first"),
@@ -398,6 +401,64 @@ def _singles(logits_RxNxC, y):
           for p in ensemble.members_probs(np.asarray(logits_RxNxC))]
 
 
+def snapshot_rows(model, snapshots: PyTree, x: np.ndarray, y: np.ndarray, *,
+                  recalibrate_fn: Callable | None = None, batch_size: int = 1000,
+                  strategy: str = "auto") -> dict[str, list[dict]]:
+  """The rows of M models per run (R, M, ...): their ensemble, the mean one, recalibrated.
+
+  Args:
+    model: the models' model.
+    snapshots: {"params", "batch_stats"?} with two leading axes (runs, models).
+    x, y: the evaluation split.
+    recalibrate_fn: `(variables, member_dims) -> variables` with BatchNorm statistics
+      recomputed; given, BatchNorm models also get the recalibrated ensemble's row.
+    batch_size, strategy: for `members.predict`.
+
+  Returns:
+    {"ensemble of M snapshots": per run (with `disagreement` and `_matrix`), "mean snapshot
+    (single model)": per run, and "ensemble of M snapshots, each BN recalibrated"}.
+  """
+  from ensembling import metrics, ensemble
+  runs = int(np.shape(jax.tree.leaves(snapshots["params"])[0])[0])
+  snap_logits = lambda tree: np.stack([members.predict(
+      model, jax.tree.map(lambda a: a[r], tree), x, batch_size=batch_size, strategy=strategy)
+      for r in range(runs)])                                          # (R, M, N, C)
+  lg = snap_logits(snapshots)
+  rows = {f"ensemble of {lg.shape[1]} snapshots": _per_run(lg, y),
+          "mean snapshot (single model)": [
+              {n: float(np.mean([metrics.classification_metrics(p, y)[n]
+                                 for p in ensemble.members_probs(run_lg)]))
+               for n in ("accuracy", "nll", "ece")} for run_lg in lg]}
+  if "batch_stats" in members.variables_of(snapshots) and recalibrate_fn is not None:
+    # Each snapshot's running statistics lag its weights after a restart (badly so with
+    # Keras's momentum 0.99): the same ensemble with every snapshot recalibrated.
+    rows[f"ensemble of {lg.shape[1]} snapshots, each BN recalibrated"] = _per_run(
+        snap_logits(recalibrate_fn(snapshots, 2)), y)
+  return rows
+
+
+def average_rows(model, average: PyTree, x: np.ndarray, y: np.ndarray, *, name: str,
+                 recalibrate_fn: Callable | None = None, stale_stats: PyTree = None,
+                 stale: str = "", batch_size: int = 1000, strategy: str = "auto"
+                 ) -> dict[str, list[dict]]:
+  """The rows of an average (SWA, a soup) per run (R, ...): recalibrated and not.
+
+  With BatchNorm: "<name> (BN recalibrated)", then (given `stale_stats`) "<name>, no
+  recalibration: <stale> BN stats" and "<name>, no recalibration: averaged BN stats";
+  without BatchNorm one row "<name>".
+  """
+  logits = lambda v: members.predict(model, v, x, batch_size=batch_size, strategy=strategy)
+  avg = members.variables_of(average)
+  if "batch_stats" not in avg:
+    return {name: _singles(logits(avg), y)}
+  rows = {f"{name} (BN recalibrated)": _singles(logits(recalibrate_fn(avg, 1)), y)}
+  if stale_stats is not None:
+    rows[f"{name}, no recalibration: {stale} BN stats"] = _singles(logits(
+        {"params": avg["params"], "batch_stats": stale_stats}), y)
+  rows[f"{name}, no recalibration: averaged BN stats"] = _singles(logits(avg), y)
+  return rows
+
+
 def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
              recalibration_x: np.ndarray | None = None, recalibration_batch_size: int = 128,
              recalibration_examples: int = 0, recalibration_key: jax.Array | None = None,
@@ -407,10 +468,11 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
 
   Rows: the end point; for snapshot methods the ensemble of the snapshots (with
   `disagreement` and the `_matrix` of pairwise disagreement), the mean single snapshot
-  and, for BatchNorm models, the ensemble with every snapshot recalibrated; for SGD the
-  independent ensemble of the K runs; for SWA (and StarSSE's uniform soup of its
-  snapshots) the average with recalibrated BN statistics, with the last iterate's (or
-  the cycle-1 end point's) and with the averaged statistics (what goes wrong without it).
+  and, for BatchNorm models, the ensemble with every snapshot recalibrated
+  (`snapshot_rows`); for SGD the independent ensemble of the K runs; for SWA (and
+  StarSSE's uniform soup of its snapshots) the average with recalibrated BN statistics,
+  with the last iterate's (or the cycle-1 end point's) and with the averaged statistics
+  (`average_rows`: what goes wrong without recalibration).
 
   Args:
     model: the runs' model.
@@ -425,44 +487,25 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
   Returns:
     {row name: [metrics of run 0, run 1, ...]}.
   """
-  from ensembling import metrics, ensemble
   method, k = run.plan.method, int(np.shape(run.state["step"])[0])
-  logits = lambda v: members.predict(model, v, x, batch_size=batch_size, strategy=strategy)
-  recal = lambda v, dims=1: recalibrate(model, v, recalibration_x,
-                                        batch_size=recalibration_batch_size,
-                                        num_examples=recalibration_examples,
-                                        key=recalibration_key, member_dims=dims)
+  kw = dict(batch_size=batch_size, strategy=strategy)
+  recal = lambda v, dims: recalibrate(model, v, recalibration_x,
+                                      batch_size=recalibration_batch_size,
+                                      num_examples=recalibration_examples,
+                                      key=recalibration_key, member_dims=dims)
   rows: dict[str, list] = {}
-  end = logits(run.state)
+  end = members.predict(model, run.state, x, **kw)
   rows["cycle-1 end point (single model, 1/M budget)" if method == "starsse"
        else "end point (single model)"] = _singles(end, y)
-  snaps = run.snapshots
-  if snaps is not None:
-    snap_logits = lambda tree: np.stack([logits(jax.tree.map(lambda a: a[r], tree))
-                                         for r in range(k)])          # (R, M, N, C)
-    lg = snap_logits(snaps)
-    rows[f"ensemble of {lg.shape[1]} snapshots"] = _per_run(lg, y)
-    rows["mean snapshot (single model)"] = [
-        {n: float(np.mean([metrics.classification_metrics(p, y)[n]
-                           for p in ensemble.members_probs(run_lg)]))
-         for n in ("accuracy", "nll", "ece")} for run_lg in lg]
-    if "batch_stats" in snaps and recalibrate_snapshots:
-      # Each snapshot's running statistics lag its weights after a restart (badly so
-      # with Keras's momentum 0.99): the same ensemble with every snapshot recalibrated.
-      rows[f"ensemble of {lg.shape[1]} snapshots, each BN recalibrated"] = _per_run(
-          snap_logits(recal(snaps, 2)), y)
+  if run.snapshots is not None:
+    rows.update(snapshot_rows(model, run.snapshots, x, y,
+                              recalibrate_fn=recal if recalibrate_snapshots else None, **kw))
   if method == "sgd":
     rows[f"independent ensemble of the {k} seeds ({k}x budget)"] = _per_run(end[None], y)
   if method in ("swa", "starsse"):
-    avg = run.average if method == "swa" else jax.tree.map(lambda a: a.mean(1), snaps)
-    avg = members.variables_of(avg)
-    name = "SWA" if method == "swa" else "uniform soup"
-    if "batch_stats" in avg:
-      rows[f"{name} (BN recalibrated)"] = _singles(logits(recal(avg)), y)
-      stale = "last iterate's" if method == "swa" else "cycle-1 end point's"
-      rows[f"{name}, no recalibration: {stale} BN stats"] = _singles(logits(
-          {"params": avg["params"], "batch_stats": run.state["batch_stats"]}), y)
-      rows[f"{name}, no recalibration: averaged BN stats"] = _singles(logits(avg), y)
-    else:
-      rows[name] = _singles(logits(avg), y)
+    avg = run.average if method == "swa" else jax.tree.map(lambda a: a.mean(1), run.snapshots)
+    rows.update(average_rows(
+        model, avg, x, y, name="SWA" if method == "swa" else "uniform soup",
+        recalibrate_fn=recal, stale_stats=run.state.get("batch_stats"),
+        stale="last iterate's" if method == "swa" else "cycle-1 end point's", **kw))
   return rows

@@ -163,6 +163,34 @@ def partition_labels(tree: PyTree, rules: Sequence[tuple[str, str]],
   return jax.tree_util.tree_map_with_path(label, tree)
 
 
+def transplant(source: PyTree, target: PyTree, *, exclude: str | Iterable[str] = ()) -> PyTree:
+  """`target` with every leaf that `source` has at the same path and shape copied in.
+
+  For fine-tuning: `transplant(pretrained, fresh_init, exclude="^params/head/")` keeps a
+  new model's freshly initialised head (other classes) and takes everything else from the
+  pre-trained model. Leaves of `target` missing from `source`, of another shape, or
+  matching an `exclude` regex keep their values.
+
+  >>> import jax.numpy as jnp
+  >>> src = {"body": jnp.ones(2), "head": jnp.ones(3)}
+  >>> dst = {"body": jnp.zeros(2), "head": jnp.zeros(5)}
+  >>> {k: v.tolist() for k, v in transplant(src, dst).items()}
+  {'body': [1.0, 1.0], 'head': [0.0, 0.0, 0.0, 0.0, 0.0]}
+  """
+  patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+  regexes = [re.compile(p) for p in patterns]
+  have = dict(named_leaves(source))
+
+  def take(path, leaf):
+    name = path_str(path)
+    src = have.get(name)
+    if src is None or np.shape(src) != np.shape(leaf) or any(r.search(name) for r in regexes):
+      return leaf
+    return jnp.asarray(src, dtype=jnp.asarray(leaf).dtype)
+
+  return jax.tree_util.tree_map_with_path(take, target)
+
+
 def all_finite(tree: PyTree) -> jax.Array:
   """A scalar bool: every leaf of `tree` is finite."""
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)

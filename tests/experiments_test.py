@@ -110,3 +110,19 @@ def test_trajectory_runlocal(tmp_path):
   row = res["methods"]["starsse"]["ensemble of 2 snapshots"]
   assert row["summary"]["accuracy"] == pytest.approx(
       sum(r["accuracy"] for r in row["per_seed"]) / len(row["per_seed"]))
+
+
+def test_starsse_transfer_runlocal(tmp_path):
+  from configs import starsse_transfer
+  config = starsse_transfer.get_config("runlocal")
+  res = main.run_experiment(config, str(tmp_path))
+  m = config.transfer.num_models
+  assert set(res["methods"]) == {"local deep ensemble", "SSE", "StarSSE"}
+  for rows in res["methods"].values():
+    assert f"ensemble of {m} snapshots" in rows and "uniform soup (BN recalibrated)" in rows
+  # The target task holds only the classes the source task did not: 5 of them, renumbered.
+  assert res["target"].endswith("5 classes") and res["source"].endswith("5 classes")
+  star = [json.loads(l) for l in open(tmp_path / "StarSSE" / "star" / "metrics.jsonl")]
+  assert {r["member"] for r in star} == set(range(config.members * (m - 1)))
+  local = [json.loads(l) for l in open(tmp_path / "local_deep_ensemble" / "run" / "metrics.jsonl")]
+  assert {r["member"] for r in local} == set(range(config.members * m))
