@@ -303,11 +303,17 @@ def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
     top = {n: v for n, v in params_K.items() if n not in shared}
   else:
     base, top = {}, params_K
+  fwd = _encode_fn(cfg, pooling, shared_layers)
+  return _by_length(tokenizer, sentences, lambda xb: fwd(base, top, xb), max_length=max_length,
+                    batch_size=batch_size, bucket=bucket)
+
+
+def _by_length(tokenizer, sentences, fwd, *, max_length, batch_size, bucket) -> np.ndarray:
+  """`fwd(ids (B, L)) -> (G, B, D)` over length-sorted batches; (G, N, D) in input order."""
   ids = bert.tokenize(tokenizer, sentences, max_length=max_length)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   lengths = (ids != pad_id).sum(1)
   order = np.argsort(lengths, kind="stable")
-  fwd = _encode_fn(cfg, pooling, shared_layers)
   chunks = []
   for start in range(0, len(order), batch_size):
     sel = order[start:start + batch_size]
@@ -316,11 +322,53 @@ def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
     pad = batch_size - len(sel)
     if pad and len(order) > batch_size:  # keep one batch shape per length bucket
       xb = np.concatenate([xb, np.full((pad, length), pad_id, xb.dtype)])
-    chunks.append(np.asarray(fwd(base, top, jnp.asarray(xb)))[:, :len(sel)])
+    chunks.append(np.asarray(fwd(jnp.asarray(xb)))[:, :len(sel)])
   emb = np.concatenate(chunks, axis=1)
   result = np.empty_like(emb)
   result[:, order] = emb
   return result
+
+
+def encode_depths(params: PyTree, cfg: bert.BertConfig, tokenizer, sentences: Sequence[str],
+                  *, depths: Sequence[int], pooling: str = "mean", max_length: int,
+                  batch_size: int = 64, bucket: int = 16) -> dict[int, np.ndarray]:
+  """Pooled embeddings of one encoder truncated after each of `depths` layers, one pass.
+
+  The encoder keeping only its first L layers is a smaller encoder in its own right
+  (the small members of Tyagi et al.; heterogeneous encoders for the shared head): one
+  forward pass of the deepest one pools the token states after every requested layer.
+
+  Args:
+    params: the `Bert` params (without the "params" key).
+    cfg: its architecture.
+    tokenizer: its tokenizer.
+    sentences: N texts.
+    depths: layer counts L in [1, cfg.num_layers].
+    pooling, max_length, batch_size, bucket: as `encode_members`.
+
+  Returns:
+    {L: NumPy (N, D)}.
+  """
+  depths = tuple(int(d) for d in depths)
+  if not depths or any(not 1 <= d <= cfg.num_layers for d in depths):
+    raise ValueError(f"depths must lie in [1, {cfg.num_layers}], got {list(depths)}.")
+  fwd = _depths_fn(cfg, pooling, tuple(sorted(set(depths))))
+  emb = _by_length(tokenizer, sentences, lambda xb: fwd(params, xb), max_length=max_length,
+                   batch_size=batch_size, bucket=bucket)
+  order = sorted(set(depths))
+  return {d: emb[order.index(d)] for d in depths}
+
+
+@functools.lru_cache(maxsize=16)
+def _depths_fn(cfg, pooling, depths):
+  def fwd(params, ids):
+    h, prev, out = bert.hidden_states(params, cfg, ids, stop=0), 0, []
+    for d in depths:
+      h = bert.run_layers(params, cfg, h, ids, start=prev, stop=d)
+      out.append(bert.pool(h, ids, cfg, pooling))
+      prev = d
+    return jnp.stack(out)
+  return jax.jit(fwd)
 
 
 @functools.lru_cache(maxsize=16)

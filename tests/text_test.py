@@ -454,3 +454,22 @@ def test_align_members_keeps_the_anchor_and_maps_the_others():
   np.testing.assert_array_equal(aligned[0], losses.l2_normalize(y))
   with pytest.raises(ValueError, match="anchor"):
     text.align_members(np.stack([y, x]), anchor=2)
+
+
+def test_encode_depths_equals_truncated_encoders(tmp_path):
+  """One pass pooled after layers 1 and 2 = `Bert` with only its first 1 / 2 layers."""
+  import dataclasses
+  sents = ["the cat sat", "a dog", "the cat and the dog sat on a mat", "mat"]
+  path = bert.write_random_bert(str(tmp_path / "b"), [w for s in sents for w in s.split()],
+                                num_layers=2)
+  cfg, tok = bert.bert_config_from_dir(path), bert.load_tokenizer(path)
+  params = bert.load_pretrained_params(path, cfg)["params"]
+  got = text.encode_depths(params, cfg, tok, sents, depths=(2, 1), max_length=16, batch_size=3)
+  for d in (1, 2):
+    small = dataclasses.replace(cfg, num_layers=d)
+    p = {k: v for k, v in params.items() if not k.startswith("layer_") or int(k[6:]) < d}
+    ids = bert.tokenize(tok, sents, max_length=16)
+    want = bert.Bert(small).apply({"params": p}, ids, train=False).features
+    np.testing.assert_allclose(got[d], want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="depths must lie in"):
+    text.encode_depths(params, cfg, tok, sents, depths=(3,), max_length=16)
