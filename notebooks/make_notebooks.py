@@ -113,7 +113,7 @@ for name, model in MODELS.items():
                         jax.tree.leaves(s["params"])):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     print(f"{name}: vmapped members == per-member loop")
-    res = train.train_members(model, x_train, y_train, num_members=K, tx=tx, epochs=6,
+    res = train.train_members(model, x_train, y_train, num_members=K, tx=tx, epochs=4,
                               batch_size=32, seed=0, progress=False)
     ensembles[name] = res.state
     rep = report.ensemble_report(members.predict(model, res.state, x_test), y_test)
@@ -143,7 +143,7 @@ for name, model in MODELS.items():
           f"greedy soup of {list(soup.indices)}: {soup.score:.4f}")"""),
     ("md", """## An SWA average, its BatchNorm statistics recomputed"""),
     ("code", """spe = data.num_steps_per_epoch(len(x_train), 32)
-plan = trajectory.swa_plan(base_lr=0.05, total_steps=8 * spe, pretrain_steps=4 * spe,
+plan = trajectory.swa_plan(base_lr=0.05, total_steps=6 * spe, pretrain_steps=3 * spe,
                            swa_lr=0.01, anneal_steps=spe, every=spe // 2)
 for name, model in MODELS.items():
     run = trajectory.fit(model, plan, x_train, y_train, num_runs=2, batch_size=32, seed=0,
@@ -162,7 +162,7 @@ TRAJECTORY = [
 Every method is a *plan* (a learning-rate schedule and the steps at which snapshots are
 copied or weights averaged) run by `trajectory.fit`; two seeds train at once on the
 member axis. BatchNorm statistics of averaged and snapshot weights are recomputed
-(`trajectory.recalibrate`). Digits, a BatchNorm MLP, 8 epochs per method."""),
+(`trajectory.recalibrate`). Digits, a BatchNorm MLP, 6 epochs per method."""),
     ("code", COLAB),
     ("code", """%matplotlib inline
 import jax, numpy as np, matplotlib.pyplot as plt
@@ -173,13 +173,13 @@ splits = data.load({"name": "digits"}, seed=0)
 x, y = splits.x_train, splits.y_train
 model = models.MLP(widths=(32,), num_classes=10, batch_norm=True)
 spe = data.num_steps_per_epoch(len(x), 32)
-T = 8 * spe
+T = 6 * spe
 plans = {
     "sgd": trajectory.sgd_plan(base_lr=0.05, total_steps=T),
     "snapshot": trajectory.sse_plan(base_lr=0.1, total_steps=T, num_cycles=3),
-    "fge": trajectory.fge_plan(base_lr=0.05, total_steps=T, pretrain_steps=4 * spe,
+    "fge": trajectory.fge_plan(base_lr=0.05, total_steps=T, pretrain_steps=2 * spe,
                                cycle_steps=2 * spe, lr_1=0.02, lr_2=0.0005),
-    "swa": trajectory.swa_plan(base_lr=0.05, total_steps=T, pretrain_steps=4 * spe,
+    "swa": trajectory.swa_plan(base_lr=0.05, total_steps=T, pretrain_steps=3 * spe,
                                swa_lr=0.01, anneal_steps=spe, every=spe // 2),
     "starsse": trajectory.starsse_plan(base_lr=0.1, total_steps=T, num_cycles=3),
 }
@@ -220,7 +220,7 @@ for i, widths in enumerate([(32,), (64,), (64, 32)]):
                                 scale=30.0)
     loss = functools.partial(losses.arcface_loss_from_logits, scale=30.0, margin=0.5)
     res = train.train_members(model, splits.x_train, splits.y_train, num_members=1,
-                              tx=optax.adam(1e-3), epochs=15, batch_size=32, seed=i,
+                              tx=optax.adam(1e-3), epochs=8, batch_size=32, seed=i,
                               loss_fn=loss, progress=False)
     trained.append((model, tree.index(members.variables_of(res.state), 0)))
 inputs = {"train": splits.x_train, "val": splits.x_val, "fit": splits.x_train,
