@@ -126,3 +126,20 @@ def test_starsse_transfer_runlocal(tmp_path):
   assert {r["member"] for r in star} == set(range(config.members * (m - 1)))
   local = [json.loads(l) for l in open(tmp_path / "local_deep_ensemble" / "run" / "metrics.jsonl")]
   assert {r["member"] for r in local} == set(range(config.members * m))
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
+                                                   "20newsgroups")),
+                    reason="../shared/data/20newsgroups not present")
+def test_align_text_runlocal(tmp_path):
+  from configs import align_text
+  config = align_text.get_config("runlocal")
+  res = main.run_experiment(config, str(tmp_path))
+  best = res["best"]
+  # The model lending its head is not moved: its aligned row is its own row.
+  assert res["rows"]["ours"][best] == res["rows"]["traditional"][best]
+  assert res["frozen_leaves_unchanged"] == [True] * (len(config.encoder.depths) - 1)
+  assert res["num_classes"] == 20
+  # The encoders' features are computed once and reused by a rerun (resume).
+  assert os.path.exists(tmp_path / "features.npz")
+  assert main.run_experiment(config, str(tmp_path))["rows"] == res["rows"]
