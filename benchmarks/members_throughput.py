@@ -70,6 +70,15 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def program_bytes(compiled) -> int:
+  """Peak device memory of one compiled step: arguments + outputs + XLA temporaries."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return -1
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def analytic_flops_per_sample(arch: str, stages) -> dict:
   """Training FLOPs per sample: 2 per MAC forward, and 2 per MAC for each gradient.
 
@@ -108,7 +117,7 @@ def main(argv=None):
   p.add_argument("--windows", type=int, default=5, help="timed windows per strategy")
   p.add_argument("--strategies", default="",
                  help="comma-separated strategies to time besides auto and the loop "
-                      "(default: every non-loop strategy; 'map' only for mlp; "
+                      "(default: every non-loop strategy; chunkedG = chunked with groups of G; 'map' only for mlp; "
                       "'none': only auto and the loop)")
   p.add_argument("--stages", default="32,64,128", help="cnn filters per stage")
   p.add_argument("--dropout", action="store_true", help="turn the model's dropout on")
@@ -138,21 +147,27 @@ def main(argv=None):
     others = [s for s in members.STRATEGIES if s not in ("auto", "loop")]
     if args.arch == "cnn":
       others.remove("map")  # minutes to compile, then ~4 samples/s (PERF-NOTES)
+  def parse(name):  # "chunked4" -> ("chunked", 4); others -> (name, default chunk)
+    if name.startswith("chunked") and name[len("chunked"):].isdigit():
+      return "chunked", int(name[len("chunked"):])
+    return name, members.DEFAULT_CHUNK
   for s in others:
-    members.resolve_strategy(s, state0_K["params"])  # validates the name
+    members.resolve_strategy(parse(s)[0], state0_K["params"])  # validates the name
   names = ["auto"] + [s for s in others if s not in ("auto", auto)]  # auto timed once
 
-  runners, states, compile_s = {}, {}, {}
+  runners, states, compile_s, memory = {}, {}, {}, {}
   for name in names:
-    strategy = auto if name == "auto" else name
+    strategy, chunk = parse(auto if name == "auto" else name)
     step = members.ensemble_step(model=model, tx=tx, num_members=k,
-                                 strategy=strategy)
+                                 strategy=strategy, chunk_size=chunk)
     state = jax.tree.map(jnp.copy, state0_K)
     t0 = time.perf_counter()
     state, _ = step(state, batch_K, keys_K)
     jax.block_until_ready(state)
     compile_s[name] = time.perf_counter() - t0
     runners[name], states[name] = step, state
+    if strategy != "loop":  # XLA's own account of the program's buffers
+      memory[name] = program_bytes(step._compiled.lower(state, batch_K, keys_K).compile())
 
   # The baseline: K separately held states, one jitted one-member step each.
   one = jax.jit(functools.partial(members.train_step, model=model, tx=tx),
@@ -165,6 +180,10 @@ def main(argv=None):
     loop_states[i], _ = one(loop_states[i], loop_batches[i], loop_keys[i])
   jax.block_until_ready(loop_states)
   compile_s["loop"] = time.perf_counter() - t0
+  one_program = program_bytes(one.lower(loop_states[0], loop_batches[0], loop_keys[0]).compile())
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(loop_states[0]))
+  # The loop holds all K states (and batches) and runs one member's program at a time.
+  memory["loop"] = one_program + (k - 1) * (state_bytes + loop_batches[0]["x"].nbytes)
   xla_cost = one.lower(loop_states[0], loop_batches[0], loop_keys[0]).compile().cost_analysis()
   if isinstance(xla_cost, (list, tuple)):
     xla_cost = xla_cost[0] if xla_cost else {}
@@ -232,6 +251,7 @@ def main(argv=None):
       "loop_member_samples_per_s": round(rate["loop"], 1),
       f"{auto}_member_samples_per_s": round(rate["auto"], 1),
       **{f"{n}_member_samples_per_s": round(rate[n], 1) for n in names if n != "auto"},
+      "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items()},
       "parallel_over_loop": round(rate["auto"] / rate["loop"], 3),
       "parallel_over_loop_window_median": round(ratio, 3),
       "matmul_gflops": round(gflops, 1),

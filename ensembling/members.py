@@ -46,7 +46,7 @@ from ensembling.models.contract import as_model
 PyTree = Any
 State = dict[str, Any]
 STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "chunked")
-DEFAULT_CHUNK = 4  # members per vmapped group of the 'chunked' strategy
+DEFAULT_CHUNK = 8  # members per vmapped group of 'chunked' (and where 'auto' leaves vmap)
 MEMBER_AXIS = "members"
 
 
@@ -159,20 +159,31 @@ def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   """Picks the member-parallel strategy; 'auto' depends on backend and model.
 
-  Measured on a 2-core CPU (benchmarks/README.md): vmap is about as fast as a loop for
-  dense layers, but vmapped convolutions become grouped convolutions that XLA:CPU runs
-  ~4x slower than K separate ones. On one CPU device, models with convolutions get
-  'unroll' (K one-member steps traced into one jit, run one after the other): 1.25x the
-  loop at K=8. On accelerators, and with several devices (the member axis sharded),
-  'vmap' is the default.
+  Measured on a 2-core CPU (benchmarks/README.md): vmap of dense layers beats a loop up
+  to about K=8 members and falls behind it beyond (0.83x at K=16: the K weight sets
+  leave the cache); vmapped convolutions become grouped convolutions that XLA:CPU runs
+  ~4x slower than K separate ones. So on one CPU device, models with convolutions get
+  'unroll' (K one-member steps traced into one jit, run one after the other: 1.25x the
+  loop at K=8), dense models get 'vmap' up to `DEFAULT_CHUNK` members and 'chunked'
+  (vmapped groups of `DEFAULT_CHUNK`, one after the other) beyond. On accelerators, and
+  with several devices (the member axis sharded), 'vmap' is the default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
   if strategy != "auto":
     return strategy
-  if jax.default_backend() == "cpu" and jax.device_count() == 1 and has_convolutions(params_K):
-    return "unroll"
+  if jax.default_backend() == "cpu" and jax.device_count() == 1:
+    if has_convolutions(params_K):
+      return "unroll"
+    if num_members_in(params_K) > DEFAULT_CHUNK:
+      return "chunked"
   return "vmap"
+
+
+def num_members_in(params_K: PyTree) -> int:
+  """K, the leading axis of a stacked pytree (0 for an empty one)."""
+  leaves = jax.tree.leaves(params_K)
+  return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
 
 
 def over_members(fn: Callable, *, strategy: str, num_members: int,

@@ -288,8 +288,180 @@ rows += [("naive average", {"Spearman": score(text.average_embeddings(emb))}),
 display(Markdown(report.markdown_table(rows, ("Spearman",), digits=2)))"""),
 ]
 
+SOUPS = [
+    ("md", """# Soups and merging: one pre-trained model, six fine-tunes, one set of weights
+
+An MLP pre-trained on digits is fine-tuned six times (its own learning rate, weight decay,
+length and data order each, seed 002's recipe) in one member-parallel run. The ingredients
+are then combined without any further training: the uniform and greedy soups, task
+arithmetic, TIES, DARE and model stock. Last, two models trained *from scratch* are
+interpolated before and after weight matching (Git Re-Basin): the loss barrier."""),
+    ("code", COLAB),
+    ("code", """%matplotlib inline
+import jax, numpy as np, matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+from ensembling import align, data, members, merging, models, optim, report, soups, train, tree
+
+splits = data.load({"name": "digits"}, seed=0)
+model = models.MLP(widths=(64, 64), num_classes=10, dropout=0.0)
+tx = optim.make_optimizer(learning_rate=0.05, momentum=0.9)
+pre = train.train_members(model, splits.x_train, splits.y_train, num_members=1, tx=tx,
+                          epochs=4, batch_size=32, seed=0, progress=False)
+base = tree.index(members.variables_of(pre.state), 0)
+spe = data.num_steps_per_epoch(len(splits.x_train), 32)
+hp = soups.random_hyperparams(6, steps_per_epoch=spe, max_epochs=3, lr_range=(0.005, 0.1),
+                              wd_range=(1e-5, 1e-3), max_shift=0, seed=0)
+ft = soups.finetune(model, base, splits.x_train, splits.y_train, hyperparams=hp,
+                    num_steps=int(hp["steps"].max()), batch_size=32, seed=1, progress=False)
+params_K = ft.state["params"]
+val_acc = soups.accuracy_fn(model, splits.x_val, splits.y_val)
+test_acc = soups.accuracy_fn(model, splits.x_test, splits.y_test)
+print("ingredients' val accuracy:", np.round([float(val_acc(p)) for p in tree.unstack(params_K)], 4))"""),
+    ("code", """theta0 = base["params"]
+K = tree.num_members(params_K)
+best = int(np.argmax([float(val_acc(p)) for p in tree.unstack(params_K)]))
+greedy = soups.greedy_soup(params_K, val_acc)
+combined = {
+    "pre-trained": theta0,
+    "best ingredient (by val)": tree.index(params_K, best),
+    "uniform soup": soups.uniform_soup(params_K).params,
+    f"greedy soup of {list(greedy.indices)}": greedy.params,
+    "task arithmetic (scale 0.3)": merging.task_arithmetic(theta0, params_K, scale=0.3),
+    "TIES (density 0.2)": merging.ties(theta0, params_K, density=0.2, scale=1.0),
+    "DARE (density 0.5) + sign election": merging.dare(jax.random.key(0), theta0, params_K,
+                                                         density=0.5, sign_election=True),
+    "model stock": merging.model_stock(theta0, params_K),
+}
+rows = [(name, {"val": float(val_acc(p)), "test": float(test_acc(p))}) for name, p in combined.items()]
+display(Markdown(report.markdown_table(rows, ("val", "test"))))
+assert abs(rows[2][1]["test"] - float(test_acc(tree.mean(params_K)))) < 1e-6"""),
+    ("md", """## From scratch: the barrier, and weight matching
+
+Two models from different initialisations sit in different basins: their straight-line
+average is poor. Permuting the hidden units of one to match the other (a function-preserving
+change) removes most of the barrier."""),
+    ("code", """scratch = train.train_members(model, splits.x_train, splits.y_train, num_members=2, tx=tx,
+                              epochs=6, batch_size=32, seed=3, progress=False)
+a, b = tree.unstack(scratch.state["params"])
+spec = align.mlp_permutation_spec(a)
+perm = align.weight_matching(jax.random.key(0), spec, a, b)
+b_aligned = align.apply_permutation(spec, perm, b)
+x_t = splits.x_test
+out = np.asarray(members.predict(model, {"params": tree.stack([b, b_aligned])}, x_t))
+same = np.abs(out[0] - out[1]).max()
+print(f"permuted model computes the same function: max |logit difference| {same:.2e}")
+loss_acc = soups.loss_accuracy_fn(model, splits.x_test, splits.y_test)
+alphas = np.linspace(0, 1, 11)
+curves = {"naive": align.interpolation_curve(loss_acc, a, b, alphas),
+          "weight matching": align.interpolation_curve(loss_acc, a, b_aligned, alphas)}
+fig, ax = plt.subplots(1, 2, figsize=(9, 3))
+for name, c in curves.items():
+    ax[0].plot(alphas, c["loss"], label=name); ax[1].plot(alphas, c["accuracy"], label=name)
+ax[0].set(xlabel="alpha", ylabel="test loss"); ax[1].set(xlabel="alpha", ylabel="test accuracy")
+ax[0].legend(); plt.show()
+for name, c in curves.items():
+    print(f"{name}: loss barrier {align.barrier(c['loss'], alphas):.4f}, "
+          f"midpoint accuracy {c['accuracy'][5]:.4f}")"""),
+]
+
+SUPERNET = [
+    ("md", """# SuperNet: one new last layer over a whole ensemble (seed 003)
+
+Four MLPs train at once; their penultimate features are cached once, concatenated, and a
+single linear head is trained on them (the members stay frozen). The head starts from the
+members' own heads scaled by 1/K (`copy_scaled`), i.e. exactly the ensemble's logit
+average, and improves on it."""),
+    ("code", COLAB),
+    ("code", """import jax, numpy as np
+from IPython.display import Markdown, display
+from ensembling import data, members, metrics, models, optim, report, supernet, train
+
+splits = data.load({"name": "digits"}, seed=0)
+K = 4
+model = models.MLP(widths=(64, 64), num_classes=10, dropout=0.1)
+res = train.train_members(model, splits.x_train, splits.y_train, num_members=K,
+                          tx=optim.make_optimizer(learning_rate=0.05, momentum=0.9),
+                          epochs=6, batch_size=32, seed=0, progress=False)
+cache = supernet.cache_features(model, members.variables_of(res.state),
+                                {"train": splits.x_train, "val": splits.x_val, "test": splits.x_test})
+for split, y in (("train", splits.y_train), ("val", splits.y_val), ("test", splits.y_test)):
+    cache[split]["y"] = y
+heads = supernet.member_heads(res.state["params"])
+print({s: c["features"].shape for s, c in cache.items()})"""),
+    ("code", """steps = 20 * (len(splits.y_train) // 32)
+head0 = supernet.init_head(jax.random.key(0), num_features=cache["train"]["features"].shape[1],
+                           num_classes=10, init="copy_scaled", kernels_KxDxC=heads[0], biases_KxC=heads[1])
+p0 = supernet.head_probs(head0, cache["test"]["features"])
+logit_avg = np.mean(np.asarray(members.predict(model, res.state, splits.x_test)), 0)
+print("copy_scaled head == logit average:",
+      bool(np.allclose(p0, np.asarray(jax.nn.softmax(logit_avg, -1)), atol=1e-5)))
+head, history = supernet.train_head(cache, heads, num_members=K, init="copy_scaled",
+                                    tx=supernet.head_optimizer("adam", 1e-3, schedule="cosine", steps=steps),
+                                    epochs=20, batch_size=32, seed=0, key=jax.random.key(1))
+rep = report.ensemble_report(members.predict(model, res.state, splits.x_test), splits.y_test,
+                             val_logits=members.predict(model, res.state, splits.x_val),
+                             val_labels=splits.y_val)
+p = supernet.head_probs(head, cache["test"]["features"])
+rows = report.ensemble_rows(rep) + [("SuperNet head", {
+    "accuracy": metrics.accuracy(p, splits.y_test), "nll": metrics.nll(p, splits.y_test),
+    "ece": metrics.ece(p, splits.y_test)})]
+display(Markdown(report.markdown_table(rows, ("accuracy", "nll", "ece"))))"""),
+]
+
+UNCERTAINTY = [
+    ("md", """# Uncertainty: calibration and out-of-distribution detection
+
+A single model, a 4-member deep ensemble and a 4-member BatchEnsemble on digits, scored
+on the test split (accuracy, NLL, ECE, Brier) and on how well their uncertainty separates
+the test split from shifted copies of it (rotated by 60 degrees, Gaussian noise): AUROC of
+the predictive entropy, and the ensemble's mutual information (its disagreement)."""),
+    ("code", COLAB),
+    ("code", """%matplotlib inline
+import functools, jax, numpy as np, matplotlib.pyplot as plt
+from IPython.display import Markdown, display
+from ensembling import data, members, metrics, models, optim, report, train, uncertainty
+from ensembling.data import shifts
+from ensembling.models import batchensemble as be
+
+splits = data.load({"name": "digits"}, seed=0)
+K, EPOCHS = 4, 8
+tx = optim.make_optimizer(learning_rate=0.05, momentum=0.9)
+mlp = models.MLP(widths=(64, 64), num_classes=10, dropout=0.1)
+de = train.train_members(mlp, splits.x_train, splits.y_train, num_members=K, tx=tx,
+                         epochs=EPOCHS, batch_size=32, seed=0, progress=False)
+x_test = splits.x_test
+ood = {"rotated 60": shifts.rotate(x_test, 60.0, cval=float(x_test.min())),
+       "noise 1.0": shifts.gaussian_noise(0, x_test, 1.0)}"""),
+    ("code", """bem = be.BatchEnsembleMLP(widths=(64, 64), num_classes=10, num_members=K)
+flat = lambda a: a.reshape(len(a), -1)
+state = members.init_state(bem.init(jax.random.key(0), be.repeat_batch(flat(x_test[:1]), num_members=K)), tx)
+batch_fn, spe = train.make_batch_fn(flat(splits.x_train), splits.y_train, seed=0, batch_size=32, num_members=K)
+state, _, _ = train.fit(state, step_fn=jax.jit(functools.partial(be.train_step, model=bem, tx=tx)),
+                        batch_fn=batch_fn, num_steps=EPOCHS * spe, key=jax.random.key(1))
+logits = {"deep ensemble": lambda x: members.predict(mlp, de.state, x),
+          "single model": lambda x: members.predict(mlp, de.state, x)[:1],
+          "BatchEnsemble": lambda x: be.predict(bem, state, flat(x))}
+rows, scores = [], {}
+for name, f in logits.items():
+    rep = report.with_ood_columns(report.ensemble_report(f(x_test), splits.y_test), f(x_test),
+                                  {n: f(x) for n, x in ood.items()})
+    rows.append((name, rep["ensemble"]))
+    scores[name] = uncertainty.predictive_entropy(jax.nn.softmax(f(ood["rotated 60"]), -1))
+cols = ("accuracy", "nll", "ece", "brier") + tuple(f"auroc_{n}" for n in ood)
+display(Markdown(report.markdown_table(rows, cols)))"""),
+    ("code", """p_in = np.asarray(jax.nn.softmax(members.predict(mlp, de.state, x_test), -1))
+p_out = np.asarray(jax.nn.softmax(members.predict(mlp, de.state, ood["rotated 60"]), -1))
+mi_in, mi_out = uncertainty.mutual_information(p_in), uncertainty.mutual_information(p_out)
+plt.hist(mi_in, bins=30, alpha=0.6, density=True, label="test")
+plt.hist(mi_out, bins=30, alpha=0.6, density=True, label="rotated 60")
+plt.xlabel("mutual information (deep ensemble)"); plt.legend(); plt.show()
+print(f"mutual information: test {mi_in.mean():.4f}, rotated {mi_out.mean():.4f}")"""),
+]
+
 NOTEBOOKS = {"quickstart.ipynb": QUICKSTART, "own_model.ipynb": OWN_MODEL,
-             "trajectory.ipynb": TRAJECTORY, "arcface.ipynb": ARCFACE, "text.ipynb": TEXT}
+             "trajectory.ipynb": TRAJECTORY, "arcface.ipynb": ARCFACE, "text.ipynb": TEXT,
+             "soups_merging.ipynb": SOUPS, "supernet.ipynb": SUPERNET,
+             "uncertainty.ipynb": UNCERTAINTY}
 
 
 def build(cells) -> nbf.NotebookNode:

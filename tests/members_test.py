@@ -72,6 +72,32 @@ def test_every_strategy_matches_per_member_loop(arch):
   assert min(jax.tree.leaves(moved)) > 0
 
 
+def test_chunked_groups_match_per_member_loop_and_auto_chunks_many_dense_members():
+  model = models.MLP(widths=(8,), num_classes=3)
+  rng = np.random.default_rng(1)
+  k = 5  # chunk_size 2: groups of 2, 2 and 1
+  batch_K = {"x": jnp.asarray(rng.standard_normal((k, 4, 6)), jnp.float32),
+             "y": jnp.asarray(rng.integers(0, 3, (k, 4)), jnp.int32)}
+  tx = optim.make_optimizer(name="sgd", learning_rate=0.1, momentum=0.9)
+  state_K = members.init_states(members.init_members(jax.random.key(0), model,
+                                                     batch_K["x"][0], k), tx)
+  keys_K = members.member_keys(jax.random.key(1), k)
+  want_state, want_metrics = _reference(model, tx, state_K, batch_K, keys_K, 2)
+  step = members.ensemble_step(model=model, tx=tx, num_members=k, strategy="chunked",
+                               chunk_size=2)
+  state = state_K
+  for t in range(2):
+    state, metrics = step(state, batch_K, members.step_keys(keys_K, t))
+  chex.assert_trees_all_close(state, want_state, rtol=2e-4, atol=2e-5)
+  chex.assert_trees_all_close(metrics, want_metrics, rtol=2e-4, atol=2e-5)
+  many = members.init_members(jax.random.key(0), model, batch_K["x"][0],
+                              members.DEFAULT_CHUNK + 1)["params"]
+  few = members.init_members(jax.random.key(0), model, batch_K["x"][0],
+                             members.DEFAULT_CHUNK)["params"]
+  assert members.resolve_strategy("auto", many) == "chunked"  # dense, one CPU device
+  assert members.resolve_strategy("auto", few) == "vmap"
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_inputs_stay_valid_after_a_step_and_after_fit(strategy):
   """No strategy deletes the caller's arrays (the bug: vmap/unroll/map donated them)."""

@@ -27,6 +27,11 @@ MARKERS = {  # what each notebook must print: its checks ran
     "trajectory.ipynb": ["SWA (BN recalibrated)", "ensemble of 3 snapshots", "image/png"],
     "arcface.ipynb": ["ours: mean", "frozen leaves unchanged: [True, True]"],
     "text.ipynb": ["aligned average (lstsq)", "naive average"],
+    "soups_merging.ipynb": ["greedy soup of", "model stock", "computes the same function",
+                            "weight matching: loss barrier", "image/png"],
+    "supernet.ipynb": ["copy_scaled head == logit average: True", "SuperNet head"],
+    "uncertainty.ipynb": ["auroc_rotated 60", "BatchEnsemble", "mutual information: test",
+                          "image/png"],
 }
 
 
