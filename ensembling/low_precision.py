@@ -41,6 +41,7 @@ Array([[ 0.3       , -1.        ],
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Iterable, Sequence
 
@@ -89,7 +90,8 @@ def quantised_mask(params: PyTree, *, keep: str | Iterable[str] = DEFAULT_KEEP) 
                       kept, params)
 
 
-def _check_params(params: PyTree, keep) -> PyTree:
+def _check_params(params: PyTree, keep) -> tuple[bool, ...]:
+  """Validates `params` and `keep`; the quantised flag of every leaf, in tree order."""
   if not jax.tree.leaves(params):
     raise ValueError("params is empty: nothing to quantise.")
   if isinstance(keep, str):
@@ -100,25 +102,47 @@ def _check_params(params: PyTree, keep) -> PyTree:
     except re.error as e:
       raise ValueError(f"keep pattern {p!r} is not a regex: {e}.") from None
   for name, x in tree_lib.named_leaves(params):
-    x = jnp.asarray(x)
-    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(jnp.all(jnp.isfinite(x))):
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
       raise ValueError(f"params has non-finite values at '{name}': cannot quantise them.")
-  return quantised_mask(params, keep=keep)
+  return tuple(bool(m) for m in jax.tree.leaves(quantised_mask(params, keep=keep)))
 
 
-def _rtn_leaf(x, bits):
-  s = channel_scales(x, bits=bits)
-  q = jnp.clip(jnp.round(x / s), -levels(bits), levels(bits))
-  return (q * s).astype(x.dtype)
+def _quantise(leaves, u, *, flags, bits):
+  """Every flagged leaf onto its grid: nearest (u is None) or up with prob. frac (u: flat)."""
+  out, offset = [], 0
+  for m, x in zip(flags, leaves):
+    if not m:
+      out.append(x)
+      continue
+    s = channel_scales(x, bits=bits)
+    v = x / s
+    if u is None:
+      q = jnp.round(v)
+    else:
+      lo = jnp.floor(v)
+      q = lo + (u[offset:offset + x.size].reshape(x.shape) < (v - lo))
+      offset += x.size
+    out.append((jnp.clip(q, -levels(bits), levels(bits)) * s).astype(x.dtype))
+  return out
 
 
-def _bsr_leaf(key, x, bits):
-  s = channel_scales(x, bits=bits)
-  v = x / s
-  lo = jnp.floor(v)
-  up = jax.random.uniform(key, x.shape) < (v - lo)
-  q = jnp.clip(lo + up, -levels(bits), levels(bits))
-  return (q * s).astype(x.dtype)
+def _num_quantised(leaves, flags) -> int:
+  return int(sum(np.size(x) for m, x in zip(flags, leaves) if m))
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "bits"))
+def _rtn_jit(leaves, *, flags, bits):
+  return _quantise(leaves, None, flags=flags, bits=bits)
+
+
+@functools.partial(jax.jit, static_argnames=("flags", "bits", "num_members"))
+def _bsr_jit(keys, leaves, *, flags, bits, num_members):
+  # One uniform draw per member over all quantised entries (flattened in tree order):
+  # one random-number program however many leaves there are (fast to compile).
+  n = _num_quantised(leaves, flags)
+  u = jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)
+  return jax.vmap(lambda u_m: _quantise(leaves, u_m, flags=flags, bits=bits))(u)
 
 
 def rtn(params: PyTree, *, bits: int, keep: str | Iterable[str] = DEFAULT_KEEP) -> PyTree:
@@ -133,16 +157,18 @@ def rtn(params: PyTree, *, bits: int, keep: str | Iterable[str] = DEFAULT_KEEP) 
     A tree like `params`, in its dtypes, with quantised values.
   """
   bits = check_bits(bits)
-  mask = _check_params(params, keep)
-  return jax.tree.map(lambda m, x: _rtn_leaf(jnp.asarray(x), bits) if m else x, mask, params)
+  flags = _check_params(params, keep)
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, _rtn_jit([jnp.asarray(x) for x in leaves], flags=flags,
+                                              bits=bits))
 
 
 def bsr(key: jax.Array, params: PyTree, *, bits: int,
         keep: str | Iterable[str] = DEFAULT_KEEP) -> PyTree:
   """Bernoulli stochastic rounding onto the b-bit grid: up with probability frac(w / s).
 
-  Unbiased: E[bsr(key, w)] = w. Each leaf draws from its own key (folded from `key`
-  with the leaf's index in tree order).
+  Unbiased: E[bsr(key, w)] = w. The uniforms are one draw `uniform(key, (n,))` over the
+  n quantised entries, flattened in tree order.
 
   Args:
     key: PRNG key.
@@ -153,16 +179,15 @@ def bsr(key: jax.Array, params: PyTree, *, bits: int,
   Returns:
     A tree like `params` with stochastically rounded values.
   """
+  return tree_lib.index(_members(key[None], params, bits=bits, keep=keep), 0)
+
+
+def _members(keys, params, *, bits, keep):
   bits = check_bits(bits)
-  mask = _check_params(params, keep)
-  return _bsr_tree(key, params, mask, bits)
-
-
-def _bsr_tree(key, params, mask, bits):
+  flags = _check_params(params, keep)
   leaves, treedef = jax.tree.flatten(params)
-  flags = jax.tree.leaves(mask)
-  out = [_bsr_leaf(jax.random.fold_in(key, i), jnp.asarray(x), bits) if m else x
-         for i, (m, x) in enumerate(zip(flags, leaves))]
+  out = _bsr_jit(keys, [jnp.asarray(x) for x in leaves], flags=flags, bits=bits,
+                 num_members=int(keys.shape[0]))
   return jax.tree.unflatten(treedef, out)
 
 
@@ -184,20 +209,7 @@ def members(key: jax.Array, params: PyTree, *, num_members: int, bits: int,
   """
   if isinstance(num_members, bool) or int(num_members) != num_members or num_members < 1:
     raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}.")
-  bits = check_bits(bits)
-  mask = _check_params(params, keep)
-  keys = jax.random.split(key, int(num_members))
-  flags = tuple(jax.tree.leaves(mask))
-  leaves, treedef = jax.tree.flatten(params)
-
-  @jax.jit
-  def draw(k, leaves):
-    out = [_bsr_leaf(jax.random.fold_in(k, i), x, bits) if m else x
-           for i, (m, x) in enumerate(zip(flags, leaves))]
-    return out
-
-  stacked = jax.vmap(draw, in_axes=(0, None))(keys, [jnp.asarray(x) for x in leaves])
-  return jax.tree.unflatten(treedef, stacked)
+  return _members(jax.random.split(key, int(num_members)), params, bits=bits, keep=keep)
 
 
 def memory_bits(params: PyTree, *, bits: int | None,
@@ -209,9 +221,9 @@ def memory_bits(params: PyTree, *, bits: int | None,
   if bits is None:
     return int(sum(32 * np.size(x) for x in jax.tree.leaves(params)))
   bits = check_bits(bits)
-  mask = _check_params(params, keep)
+  flags = _check_params(params, keep)
   total = 0
-  for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(params)):
+  for m, x in zip(flags, jax.tree.leaves(params)):
     if m:
       shape = np.shape(x)
       n_scales = shape[-1] if len(shape) >= 2 else 1
