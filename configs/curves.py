@@ -59,11 +59,12 @@ def get_config(arg=None):
   if a.runlocal:
     c.data = configlib.base_config().data  # digits
     c.data.validation_size = 0.2
+    c.data.limit_train = 320
     c.batch_size = 32
-    c.model = configlib.model_config("mlp", widths=(32,), dropout=0.0)
+    c.model = configlib.model_config("mlp", widths=(16,), dropout=0.0)
     c.model.batch_norm = True      # exercises the per-t BatchNorm recomputation
-    c.epochs, c.curve.epochs = 3, 2
-    c.curve.num_points, c.curve.bn_examples, c.curve.bn_batch_size = 5, 256, 64
-    c.curve.match_iters = 10
+    c.epochs, c.curve.epochs = 1, 1
+    c.curve.num_points, c.curve.bn_examples, c.curve.bn_batch_size = 3, 64, 32
+    c.curve.match_iters = 5
     c.progress = False
   return c

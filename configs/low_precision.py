@@ -36,11 +36,12 @@ def get_config(arg=None):
       keep=("(^|/)bias$", "(^|/)scale$"),  # leaves kept in FP32: biases, BatchNorm scales
       seed=0,                      # the BSR draws
   ))
-  if a.runlocal:
-    c.data = configlib.base_config().data  # digits, 8x8
+  if a.runlocal:                   # an MLP on digits: seconds
+    c.data = configlib.base_config().data
     c.data.validation_size = 0.2
-    c.model = configlib.model_config("cnn", stages=(8, 16), dropouts=(0.0, 0.0))
-    c.batch_size, c.epochs = 32, 2
+    c.data.limit_train = 320
+    c.model = configlib.model_config("mlp", widths=(16,), dropout=0.0)
+    c.batch_size, c.epochs = 32, 1
     c.lpe.bits, c.lpe.ensemble_sizes = (3, 8), (2, 4)
     c.progress = False
   return c

@@ -128,3 +128,18 @@ def test_evaluate_path_ends_are_the_end_models():
   v = tree_lib.unstack(dict(members.init_members(jax.random.key(1), bn, X[:1], 2)))
   with pytest.raises(ValueError, match="pass bn_x"):
     curves.evaluate_path(bn, v[0], v[0], v[1], X, Y, ts=[0.5])
+
+
+def test_curves_runlocal(tmp_path):
+  from configs import curves as curves_config
+  from experiments import main
+  out = main.run_experiment(curves_config.get_config("runlocal"), str(tmp_path))
+  assert (tmp_path / "curves.png").exists() and (tmp_path / "bezier" / "metrics.jsonl").exists()
+  rows = {r["path"]: r for r in out["rows"]}
+  assert set(rows) == {"straight line", "straight line, weight-matched", "Bezier curve",
+                       "PolyChain"}
+  # Every path joins the same two networks; weight matching permutes units of the end
+  # point without changing its function, so all paths agree at t = 0 and t = 1.
+  for r in rows.values():
+    assert r["end_accuracy"] == pytest.approx(rows["straight line"]["end_accuracy"])
+    assert r["best_accuracy"] >= max(r["end_accuracy"]) and r["min_accuracy"] <= r["mid_accuracy"]

@@ -121,3 +121,17 @@ def test_bad_input_is_named():
     lp.members(jax.random.key(0), PARAMS, num_members=0, bits=4)
   with pytest.raises(ValueError, match="not a regex"):
     lp.rtn(PARAMS, bits=4, keep=("(",))
+
+
+def test_low_precision_runlocal(tmp_path):
+  from configs import low_precision as lp_config
+  from experiments import main
+  out = main.run_experiment(lp_config.get_config("runlocal"), str(tmp_path))
+  assert (tmp_path / "low_precision.png").exists()
+  rows = out["rows"]
+  fp32 = rows[0]
+  assert fp32["method"] == "FP32" and fp32["memory_bits"] > max(r["memory_bits"] for r in rows[1:])
+  for r in rows:
+    assert r["ambiguity"] >= -1e-6  # Jensen: the ensemble's NLL is at most the members' mean
+  at8 = {r["method"]: r for r in rows if r["bits"] == 8 and r["members"] == 1}
+  assert abs(at8["RTN"]["accuracy"] - fp32["accuracy"]) < 0.03  # 8 bits: nearly lossless
