@@ -143,3 +143,15 @@ def test_curves_runlocal(tmp_path):
   for r in rows.values():
     assert r["end_accuracy"] == pytest.approx(rows["straight line"]["end_accuracy"])
     assert r["best_accuracy"] >= max(r["end_accuracy"]) and r["min_accuracy"] <= r["mid_accuracy"]
+
+
+def test_curves_config_errors_are_named_before_any_work():
+  from configs import curves as curves_config
+  from experiments import curves as curves_exp
+  c = curves_config.get_config("runlocal")
+  with c.unlocked():
+    c.curve.kinds = ("bezier", "spline")
+  with pytest.raises(ValueError, match="Unknown curve kind"):
+    curves_exp.validate(c)
+  with pytest.raises(ValueError, match="Unknown arch"):
+    curves_config.get_config("arch=vit")

@@ -135,3 +135,13 @@ def test_low_precision_runlocal(tmp_path):
     assert r["ambiguity"] >= -1e-6  # Jensen: the ensemble's NLL is at most the members' mean
   at8 = {r["method"]: r for r in rows if r["bits"] == 8 and r["members"] == 1}
   assert abs(at8["RTN"]["accuracy"] - fp32["accuracy"]) < 0.03  # 8 bits: nearly lossless
+
+
+def test_low_precision_config_errors_are_named_before_any_work():
+  from configs import low_precision as lp_config
+  from experiments import low_precision as lp_exp
+  c = lp_config.get_config("runlocal")
+  with c.unlocked():
+    c.lpe.bits = (3, 12)
+  with pytest.raises(ValueError, match=r"bits must be an integer in \[3, 8\], got 12"):
+    lp_exp.validate(c)
