@@ -142,6 +142,27 @@ def plot_curve(path: str, xs, ys_by_label: Mapping[str, Sequence[float]], *, xla
   plt.close(fig)
 
 
+def plot_panels(path: str, xs, panels: Mapping[str, Mapping[str, Sequence[float]]], *,
+                xlabel: str, title: str = "") -> None:
+  """One figure with a panel per entry of `panels` ({ylabel: {label: ys}}), side by side."""
+  if not _primary():
+    return
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+  for ax, (ylabel, ys_by_label) in zip(axes[0], panels.items()):
+    for label, ys in ys_by_label.items():
+      ax.plot(xs, ys, marker=".", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  axes[0][0].legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def plot_matrix(path: str, matrix, *, title: str = "pairwise disagreement",
                 labels: Sequence[str] | None = None) -> None:
   if not _primary():  # one process writes the plots
