@@ -19,7 +19,7 @@ full mode the pseudo-gradient is theta - soup, the gradient of |theta - soup|^2 
 Any optimizer whose update is a linear function of past gradients (SGD, heavy-ball
 momentum, Nesterov, at any schedule) therefore keeps theta on the line through the
 base and the soup: theta_T = soup + c_T (base - soup) with a scalar c_T that the
-optimizer alone fixes (`line_coefficient`). With the base at the experts' shared start
+optimizer alone fixes (`line_coefficients`). With the base at the experts' shared start
 this is task arithmetic, base + (1 - c_T) * mean task vector: momentum's overshoot is
 an extrapolation past the soup (c_T < 0). Only coordinate-wise adaptive optimizers
 (Adam, Adagrad, ...) leave that line: their first step moves every coordinate by about
@@ -235,16 +235,18 @@ def ame_merge(base: PyTree, experts: PyTree | Sequence[PyTree], *,
                                                 pseudo_gradient=pseudo_gradient))
 
 
-def line_coefficient(tx: optax.GradientTransformation, *, steps: int) -> float:
-  """c_T with theta_T = soup + c_T (base - soup) for optimizers linear in the gradients.
+def line_coefficients(tx: optax.GradientTransformation, *, steps: int) -> np.ndarray:
+  """(c_1, ..., c_steps) with theta_T = soup + c_T (base - soup), for linear optimizers.
 
-  The same `tx` run on the 1-d problem x_0 = 1, g = x (soup at 0). Valid for SGD,
-  heavy-ball and Nesterov momentum at any schedule (full pseudo-gradient); meaningless
-  for adaptive optimizers such as Adam, which leave the line.
+  The same `tx` run on the 1-d problem x_0 = 1, g = x (soup at 0), one scan. Valid for
+  SGD, heavy-ball and Nesterov momentum at any schedule (full pseudo-gradient); with the
+  base at the experts' shared start, T steps are task arithmetic with scale 1 - c_T.
+  Meaningless for adaptive optimizers such as Adam, which leave the line.
 
   >>> import optax
-  >>> line_coefficient(optax.sgd(0.5), steps=3)
-  0.125
+  >>> line_coefficients(optax.sgd(0.5), steps=3).tolist()
+  [0.5, 0.25, 0.125]
   """
   one = {"x": jnp.ones((), jnp.float32)}
-  return float(ame_merge(one, [{"x": jnp.zeros((), jnp.float32)}], tx=tx, steps=steps)["x"])
+  path = ame_path(one, [{"x": jnp.zeros((), jnp.float32)}], tx=tx, steps=steps)
+  return np.asarray(path["x"], np.float64)

@@ -132,9 +132,9 @@ def _compare(config, splits, model, sets, seed, k, workdir):
     t = max(steps, key=lambda t: (rows[f"AME {spec}, T={t}"]["val"], -t))
     rows[f"AME {spec}, T selected on val ({t})"] = rows[f"AME {spec}, T={t}"]
   info = {"shards": list(shape), "greedy": list(greedy.indices),
-          "line_coefficients": {spec: [ame.line_coefficient(ame.optimizer(
-              n, learning_rate=lr, momentum=config.ame.momentum), steps=t) for t in steps]
-              for spec, n, lr in _runs(config) if n != "adam"},
+          "line_coefficients": {spec: ame.line_coefficients(ame.optimizer(
+              n, learning_rate=lr, momentum=config.ame.momentum), steps=steps[-1])[
+                  np.asarray(steps) - 1].tolist() for spec, n, lr in _runs(config) if n != "adam"},
           "mean_abs_soup_minus_base": float(np.mean(np.concatenate([np.abs(
               np.ravel(s - b)) for s, b in zip(jax.tree.leaves(tree_lib.mean(experts)),
                                                jax.tree.leaves(base))])))}
