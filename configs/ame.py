@@ -62,10 +62,10 @@ def get_config(arg=None):
     c.data.validation_size = 0.2
     c.model.widths = (32,)
     c.batch_size = 16
-    c.experts, c.members, c.seeds = (3,), 3, 1
-    c.epochs = 2
-    c.pretrain.examples, c.pretrain.epochs = 200, 2
-    c.ame.runs = ("sgd:1.0", "momentum:0.5", "adam:0.003")
-    c.ame.steps = (1, 5)
+    c.experts, c.members, c.seeds = (2,), 2, 1
+    c.epochs = 1
+    c.pretrain.examples, c.pretrain.epochs = 200, 1
+    c.ame.runs = ("sgd:1.0", "adam:0.003")
+    c.ame.steps = (1, 3)
     c.progress = False
   return c
