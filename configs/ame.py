@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.members = max(c.experts)       # the largest K (what validate checks)
   c.seeds = a.seeds                # the whole comparison repeated for seed, seed + 1, ...
   c.data = configlib.fashion_mnist_data()
-  c.model = configlib.model_config("mlp", widths=(512, 512), dropout=0.0)
+  c.model = configlib.model_config("mlp", widths=(256, 256), dropout=0.0)
   c.batch_size = 128
   c.epochs = 3                     # fine-tuning epochs of every expert on its shard
   c.optim.learning_rate = 0.05     # experts: SGD momentum 0.9, cosine over their epochs
@@ -46,7 +46,7 @@ def get_config(arg=None):
   c.ame = ml_collections.ConfigDict(dict(
       # (optimizer, learning rate) pairs, each run from the shared initialisation
       runs=("sgd:1.0", "sgd:0.5", "momentum:0.5", "momentum:0.1", "nesterov:0.5",
-            "adam:0.001", "adam:0.003"),
+            "adam:0.0003", "adam:0.001", "adam:0.003"),  # |soup - base| ~ 0.002 per weight
       momentum=0.9,                # heavy-ball / Nesterov coefficient
       steps=(1, 2, 3, 5, 10, 20, 50),  # step counts reported (one scan to the largest)
   ))
@@ -54,6 +54,7 @@ def get_config(arg=None):
       rotate=30.0,                 # degrees
       noise_std=0.3,               # Gaussian noise on [0, 1] pixels, clipped to [0, 1]
       contrast=0.3,                # contrast factor (1 = unchanged)
+      examples=5000,               # shifted copies of the first N test images (0: all)
   ))
   if a.limit_train:
     c.data.limit_train = a.limit_train

@@ -46,6 +46,7 @@ Example (three scalar "experts"; SGD at rate 1 gives their mean in one step):
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import jax
@@ -53,7 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ensembling import members, train
 from ensembling import tree as tree_lib
+from ensembling.data import shards as shards_lib
 
 PyTree = Any
 PSEUDO_GRADIENTS = ("full", "cyclic")
@@ -250,3 +253,46 @@ def line_coefficients(tx: optax.GradientTransformation, *, steps: int) -> np.nda
   one = {"x": jnp.ones((), jnp.float32)}
   path = ame_path(one, [{"x": jnp.zeros((), jnp.float32)}], tx=tx, steps=steps)
   return np.asarray(path["x"], np.float64)
+
+
+# --------------------------------------------------------------------------- the experts
+
+def fit_experts(model, variables: PyTree, x: np.ndarray, y: np.ndarray, shards_KxN, *,
+                tx: optax.GradientTransformation, num_steps: int, batch_size: int, seed: int,
+                strategy: str = "auto", eval_data: tuple | None = None,
+                **fit_kwargs) -> train.TrainResult:
+  """The paper's setting: K experts fine-tuned from one start, expert k on shard k only.
+
+  One member-parallel `train.fit` run; batches from `data.shards.shard_batch_fn` (each
+  expert shuffles its own shard every epoch), keys from `key(seed + 1)`.
+
+  Args:
+    model: anything `models.as_model` accepts.
+    variables: the shared start ({"params", ...}), copied to every expert.
+    x, y: the whole training set; `shards_KxN` (e.g. `data.shards.class_skewed_shards`)
+      indexes it, one row per expert.
+    tx: the experts' optimizer.
+    num_steps, batch_size, seed: steps to run, examples per expert and step, data order.
+    strategy: member-parallel strategy (`members.STRATEGIES`).
+    eval_data: (x, y) scored every epoch (per expert, in metrics.jsonl).
+    **fit_kwargs: passed to `train.fit` (workdir, progress, schedule, desc, ...).
+
+  Returns:
+    A `train.TrainResult`; `result.state["params"]` are the K experts, stacked.
+  """
+  shards_KxN = np.asarray(shards_KxN)
+  k = len(shards_KxN)
+  batch_fn, spe = shards_lib.shard_batch_fn(x, y, shards_KxN, seed=seed, batch_size=batch_size)
+  state = train.init_member_state(model, x[:1], num_members=k, tx=tx, seed=seed,
+                                  init_variables=tree_lib.broadcast(variables, k))
+  step = members.ensemble_step(model=model, tx=tx, num_members=k, strategy=strategy,
+                               donate=True)
+  eval_fn = None if eval_data is None else (
+      lambda s: train.evaluate_members(model, s, *eval_data, strategy=step.strategy))
+  fit_kwargs = {"desc": f"{k} experts", "eval_every": spe, "checkpoint_every": spe,
+                **fit_kwargs}
+  t0 = time.perf_counter()
+  state, _, history = train.fit(state, step_fn=step, batch_fn=batch_fn, num_steps=int(num_steps),
+                                key=jax.random.key(seed + 1), eval_fn=eval_fn,
+                                steps_per_epoch=spe, **fit_kwargs)
+  return train.TrainResult(state, step.strategy, time.perf_counter() - t0, history)

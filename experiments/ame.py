@@ -1,13 +1,9 @@
 """AME vs experts, soups and the output ensemble on class-skewed shards (configs/ame.py).
 
-Per seed: pre-train the shared initialisation on a small random subset, fine-tune K
-experts from it on disjoint class-skewed shards of the rest (one vmapped `train.fit`),
-merge them (uniform / greedy soup, AME runs), and score every single model and the
-output ensemble on the test split and its shifted copies. AME's step count is reported
-at its largest value (data-free) and as selected on validation accuracy.
+Per seed and K: the shared initialisation, K experts fine-tuned from it on disjoint
+shards (one vmapped `train.fit`), their soups and AME runs, every single model and the
+output ensemble scored on the test split and its shifted copies.
 """
-
-from __future__ import annotations
 
 import os
 
@@ -22,28 +18,26 @@ COLUMNS = ("test", "rotate", "noise", "contrast", "shifted", "test_nll", "shifte
 
 
 def _runs(config):
-  out = []
-  for spec in config.ame.runs:
-    name, _, lr = spec.partition(":")
+  """[(spec, optimizer name, learning rate)] from `config.ame.runs` ("adam:0.001", ...)."""
+  out = [(spec, *spec.partition(":")[::2]) for spec in config.ame.runs]
+  for spec, name, lr in out:
     if name not in ame.OPTIMIZERS or not lr:
       raise ValueError(f"ame.runs entry {spec!r}: use '<{'|'.join(ame.OPTIMIZERS)}>:<lr>'.")
-    out.append((spec, name, float(lr)))
-  return out
+  return [(spec, name, float(lr)) for spec, name, lr in out]
 
 
 def validate(config):
   _runs(config)
-  if not config.ame.steps or min(config.ame.steps) < 1:
-    raise ValueError(f"ame.steps must be step counts >= 1, got {config.ame.steps}.")
-  if min(config.experts) < 1 or int(config.seeds) < 1:
-    raise ValueError("experts must be counts >= 1 and seeds >= 1.")
+  if not config.ame.steps or min(config.ame.steps) < 1 or min(config.experts) < 1:
+    raise ValueError(f"ame.steps and experts must be counts >= 1, got {config.ame.steps}, "
+                     f"{config.experts}.")
 
 
 def _sets(config, splits):
   """The test split and its shifted copies, shifted on [0, 1] pixels and re-standardised
   (the loader's standardisation is affine: min and max of train are pixels 0 and 1)."""
   lo, hi = float(splits.x_train.min()), float(splits.x_train.max())
-  raw = (splits.x_test - lo) / (hi - lo)
+  raw = (splits.x_test[:int(config.shifts.examples) or None] - lo) / (hi - lo)
   back = lambda r: (r * (hi - lo) + lo).astype(np.float32)
   s = config.shifts
   return {"test": splits.x_test, "rotate": back(shifts.rotate(raw, s.rotate)),
@@ -51,20 +45,12 @@ def _sets(config, splits):
           "contrast": back(shifts.contrast(raw, s.contrast))}
 
 
-def _scores(model, params_list, sets, y_test, x_val, y_val, bs):
-  """{"val", "test", ..., "shifted", "*_nll"} per model (rows), and the test-set probs."""
-  stacked = {"params": tree_lib.stack(params_list)}
-  out = [dict() for _ in params_list]
-  probs = {}
-  for name, (x, y) in {"val": (x_val, y_val), **{n: (x, y_test) for n, x in sets.items()}}.items():
-    p = ensemble.members_probs(members.predict(model, stacked, x, batch_size=bs))
-    probs[name] = p
-    for r, pk in zip(out, p):
-      r[name], r[name + "_nll"] = metrics.accuracy(pk, y), metrics.nll(pk, y)
-  for r in out:
-    r["shifted"] = float(np.mean([r[n] for n in sets if n != "test"]))
-    r["shifted_nll"] = float(np.mean([r[n + "_nll"] for n in sets if n != "test"]))
-  return out, probs
+def _row(probs_by_set, labels_by_set):
+  """Accuracy and NLL of one model's (or the ensemble's) probabilities on every set."""
+  r = {f"{n}{m}": f(p, labels_by_set[n]) for n, p in probs_by_set.items()
+       for m, f in (("", metrics.accuracy), ("_nll", metrics.nll))}
+  shifted = [n for n in probs_by_set if n not in ("val", "test")]
+  return {**r, **{f"shifted{m}": float(np.mean([r[n + m] for n in shifted])) for m in ("", "_nll")}}
 
 
 def _experts(config, splits, model, seed, k, workdir):
@@ -72,7 +58,7 @@ def _experts(config, splits, model, seed, k, workdir):
   x, y, bs, pc = splits.x_train, splits.y_train, int(config.batch_size), config.pretrain
   perm = np.random.default_rng(seed).permutation(len(x))
   pre, pool = perm[:int(pc.examples)], perm[int(pc.examples):]
-  sched = configlib.schedule_from_config(config.optim.to_dict() | {"learning_rate": pc.learning_rate},
+  sched = configlib.schedule_from_config({**config.optim, "learning_rate": pc.learning_rate},
                                          total_steps=int(pc.epochs) * (len(pre) // bs))
   base = train.train_members(
       model, x[pre], y[pre], num_members=1, epochs=int(pc.epochs), seed=seed, batch_size=bs,
@@ -80,24 +66,17 @@ def _experts(config, splits, model, seed, k, workdir):
       workdir=os.path.join(workdir, f"seed{seed}", "pretrain"), progress=bool(config.progress))
   base = tree_lib.index(members.variables_of(base.state), 0)
   sh = config.shards
-  idx = shards_lib.class_skewed_shards(
-      y[pool], num_shards=k, num_classes=splits.num_classes, seed=seed,
-      dominant_per_shard=int(sh.dominant_per_shard), dominant_fraction=float(sh.dominant_fraction),
-      shard_size=int(sh.shard_size) or None)
-  batch_fn, spe = shards_lib.shard_batch_fn(x, y, pool[idx], seed=seed, batch_size=bs)
+  idx = shards_lib.class_skewed_shards(y[pool], num_shards=k, num_classes=splits.num_classes,
+                                       seed=seed, **{**sh, "shard_size": sh.shard_size or None})
+  spe = idx.shape[1] // bs
   sched = configlib.schedule_from_config(config.optim, total_steps=spe * int(config.epochs))
-  tx = configlib.optimizer_from_config(config.optim, schedule=sched)
-  state = train.init_member_state(model, x[:1], num_members=k, tx=tx, seed=seed,
-                                  init_variables=tree_lib.broadcast(base, k))
-  step = members.ensemble_step(model=model, tx=tx, num_members=k, donate=True,
-                               strategy=config.members_strategy)
-  state, _, _ = train.fit(
-      state, step_fn=step, batch_fn=batch_fn, num_steps=spe * int(config.epochs),
-      key=jax.random.key(seed + 1), workdir=os.path.join(workdir, f"seed{seed}", f"K{k}"),
-      eval_fn=lambda s: train.evaluate_members(model, s, splits.x_val, splits.y_val),
-      eval_every=spe, checkpoint_every=spe, progress=bool(config.progress),
-      desc=f"{k} experts", steps_per_epoch=spe, schedule=sched)
-  return base["params"], members.variables_of(state)["params"], pool[idx].shape
+  res = ame.fit_experts(model, base, x, y, pool[idx], num_steps=spe * int(config.epochs),
+                        tx=configlib.optimizer_from_config(config.optim, schedule=sched),
+                        batch_size=bs, seed=seed, strategy=config.members_strategy,
+                        eval_data=(splits.x_val, splits.y_val), schedule=sched,
+                        workdir=os.path.join(workdir, f"seed{seed}", f"K{k}"),
+                        progress=bool(config.progress))
+  return base["params"], res.state["params"], idx.shape
 
 
 def _compare(config, splits, model, sets, seed, k, workdir):
@@ -114,30 +93,29 @@ def _compare(config, splits, model, sets, seed, k, workdir):
                         tx=ame.optimizer(name, learning_rate=lr, momentum=config.ame.momentum))
     names += [f"AME {spec}, T={t}" for t in steps]
     params += [tree_lib.index(path, t - 1) for t in steps]
-  scores, probs = _scores(model, params, sets, splits.y_test, splits.x_val, splits.y_val,
-                          int(config.eval_batch_size))
-  rows = dict(zip(names, scores))
-  ens = {n: np.mean(p[:k], axis=0) for n, p in probs.items()}  # the K experts' outputs
-  rows[f"output ensemble ({k} experts)"] = {**{n: metrics.accuracy(p, splits.y_test if n != "val"
-                                                                  else splits.y_val) for n, p in ens.items()}}
-  r = rows[f"output ensemble ({k} experts)"]
-  r["shifted"] = float(np.mean([r[n] for n in sets if n != "test"]))
-  r.update({f"{n}_nll": metrics.nll(ens[n], splits.y_test) for n in sets})
-  r["shifted_nll"] = float(np.mean([r[f"{n}_nll"] for n in sets if n != "test"]))
+  sets = {"val": splits.x_val, **sets}
+  labels = {"val": splits.y_val, **{n: splits.y_test[:len(x)] for n, x in sets.items()}}
+  stacked = {"params": tree_lib.stack(params)}
+  probs = {n: ensemble.members_probs(members.predict(model, stacked, x,
+                                                     batch_size=int(config.eval_batch_size)))
+           for n, x in sets.items()}
+  rows = {name: _row({n: p[i] for n, p in probs.items()}, labels) for i, name in enumerate(names)}
+  rows[f"output ensemble ({k} experts)"] = _row({n: p[:k].mean(0) for n, p in probs.items()},
+                                                labels)
   vals = [rows[f"expert {i}"]["val"] for i in range(k)]
   rows["experts (mean)"] = {c: float(np.mean([rows[f"expert {i}"][c] for i in range(k)]))
-                            for c in COLUMNS}
+                            for c in COLUMNS + ("val",)}
   rows[f"best expert (val: {int(np.argmax(vals))})"] = rows[f"expert {int(np.argmax(vals))}"]
   for spec, _, _ in _runs(config):
     t = max(steps, key=lambda t: (rows[f"AME {spec}, T={t}"]["val"], -t))
     rows[f"AME {spec}, T selected on val ({t})"] = rows[f"AME {spec}, T={t}"]
+  line = lambda n, lr: ame.line_coefficients(ame.optimizer(
+      n, learning_rate=lr, momentum=config.ame.momentum), steps=steps[-1])[np.array(steps) - 1]
+  diff = jax.tree.map(lambda s, b: np.abs(s - b).ravel(), tree_lib.mean(experts), base)
   info = {"shards": list(shape), "greedy": list(greedy.indices),
-          "line_coefficients": {spec: ame.line_coefficients(ame.optimizer(
-              n, learning_rate=lr, momentum=config.ame.momentum), steps=steps[-1])[
-                  np.asarray(steps) - 1].tolist() for spec, n, lr in _runs(config) if n != "adam"},
-          "mean_abs_soup_minus_base": float(np.mean(np.concatenate([np.abs(
-              np.ravel(s - b)) for s, b in zip(jax.tree.leaves(tree_lib.mean(experts)),
-                                               jax.tree.leaves(base))])))}
+          "line_coefficients": {spec: line(n, lr).tolist() for spec, n, lr in _runs(config)
+                                if n != "adam"},
+          "mean_abs_soup_minus_base": float(np.mean(np.concatenate(jax.tree.leaves(diff))))}
   return rows, info
 
 
@@ -152,15 +130,13 @@ def run(config, workdir: str):
       for name, r in rows.items():
         per.setdefault(f"K={k}", {}).setdefault(name, []).append(r)
   steps = sorted(int(t) for t in config.ame.steps)
-  for k in config.experts:
-    g = per[f"K={k}"]
-    mean = lambda row, c: float(np.mean([r[c] for r in g[row]]))
-    for c, label in (("test", "test accuracy"), ("shifted", "mean shifted-test accuracy")):
-      curves = {spec: [mean(f"AME {spec}, T={t}", c) for t in steps] for spec, _, _ in _runs(config)}
-      curves["uniform soup"] = [mean("uniform soup", c)] * len(steps)
-      curves["experts (mean)"] = [mean("experts (mean)", c)] * len(steps)
-      report.plot_curve(os.path.join(workdir, f"ame_{c}_K{k}.png"), steps, curves,
-                        xlabel="AME steps T", ylabel=label, title=f"K={k} experts")
+  for (k, c), label in zip([(k, c) for k in config.experts for c in ("test", "shifted")],
+                           ["test accuracy", "mean shifted-test accuracy"] * len(config.experts)):
+    mean = lambda row: float(np.mean([r[c] for r in per[f"K={k}"][row]]))
+    curves = {spec: [mean(f"AME {spec}, T={t}") for t in steps] for spec, _, _ in _runs(config)}
+    curves.update({r: [mean(r)] * len(steps) for r in ("uniform soup", "experts (mean)")})
+    report.plot_curve(os.path.join(workdir, f"ame_{c}_K{k}.png"), steps, curves,
+                      xlabel="AME steps T", ylabel=label, title=f"K={k} experts")
   main = {g: {r: v for r, v in rows.items() if ", T=" not in r} for g, rows in per.items()}
   sweep = {g: {r: v for r, v in rows.items() if ", T=" in r} for g, rows in per.items()}
   out = {"data": splits.describe(), "seeds": int(config.seeds), "info": infos,
