@@ -46,7 +46,9 @@ def get_config(arg=None):
   c.ame = ml_collections.ConfigDict(dict(
       # (optimizer, learning rate) pairs, each run from the shared initialisation
       runs=("sgd:1.0", "sgd:0.5", "momentum:0.5", "momentum:0.1", "nesterov:0.5",
-            "adam:0.0003", "adam:0.001", "adam:0.003"),  # |soup - base| ~ 0.002 per weight
+            "adam:0.0003", "adam:0.001", "adam:0.003",   # |soup - base| ~ 0.002 per weight
+            "adam:0.0003:cyclic", "adam:0.001:cyclic"),  # one expert per step (the paper's
+                                                         # online reading of the soup)
       momentum=0.9,                # heavy-ball / Nesterov coefficient
       steps=(1, 2, 3, 5, 10, 20, 50),  # step counts reported (one scan to the largest)
   ))

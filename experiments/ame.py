@@ -18,12 +18,12 @@ COLUMNS = ("test", "rotate", "noise", "contrast", "shifted", "test_nll", "shifte
 
 
 def _runs(config):
-  """[(spec, optimizer name, learning rate)] from `config.ame.runs` ("adam:0.001", ...)."""
-  out = [(spec, *spec.partition(":")[::2]) for spec in config.ame.runs]
-  for spec, name, lr in out:
-    if name not in ame.OPTIMIZERS or not lr:
-      raise ValueError(f"ame.runs entry {spec!r}: use '<{'|'.join(ame.OPTIMIZERS)}>:<lr>'.")
-  return [(spec, name, float(lr)) for spec, name, lr in out]
+  """[(spec, optimizer, rate, pseudo-gradient)] from `config.ame.runs` ("adam:0.001[:cyclic]")."""
+  out = [(spec, *(spec.split(":") + ["full"])[:3]) for spec in config.ame.runs]
+  for spec, name, lr, mode in out:
+    if name not in ame.OPTIMIZERS or not lr or mode not in ame.PSEUDO_GRADIENTS:
+      raise ValueError(f"ame.runs: {spec!r}; use '<{'|'.join(ame.OPTIMIZERS)}>:<lr>[:cyclic]'.")
+  return [(spec, name, float(lr), mode) for spec, name, lr, mode in out]
 
 
 def validate(config):
@@ -88,8 +88,8 @@ def _compare(config, splits, model, sets, seed, k, workdir):
                                                 f"greedy soup ({len(greedy.indices)} of {k})"]
   params = ex + [base, soups.uniform_soup(ex).params, greedy.params]
   steps = sorted(int(t) for t in config.ame.steps)
-  for spec, name, lr in _runs(config):
-    path = ame.ame_path(base, experts, steps=steps[-1],
+  for spec, name, lr, mode in _runs(config):
+    path = ame.ame_path(base, experts, steps=steps[-1], pseudo_gradient=mode,
                         tx=ame.optimizer(name, learning_rate=lr, momentum=config.ame.momentum))
     names += [f"AME {spec}, T={t}" for t in steps]
     params += [tree_lib.index(path, t - 1) for t in steps]
@@ -106,15 +106,15 @@ def _compare(config, splits, model, sets, seed, k, workdir):
   rows["experts (mean)"] = {c: float(np.mean([rows[f"expert {i}"][c] for i in range(k)]))
                             for c in COLUMNS + ("val",)}
   rows[f"best expert (val: {int(np.argmax(vals))})"] = rows[f"expert {int(np.argmax(vals))}"]
-  for spec, _, _ in _runs(config):
+  for spec, *_ in _runs(config):
     t = max(steps, key=lambda t: (rows[f"AME {spec}, T={t}"]["val"], -t))
     rows[f"AME {spec}, T selected on val ({t})"] = rows[f"AME {spec}, T={t}"]
   line = lambda n, lr: ame.line_coefficients(ame.optimizer(
       n, learning_rate=lr, momentum=config.ame.momentum), steps=steps[-1])[np.array(steps) - 1]
   diff = jax.tree.map(lambda s, b: np.abs(s - b).ravel(), tree_lib.mean(experts), base)
   info = {"shards": list(shape), "greedy": list(greedy.indices),
-          "line_coefficients": {spec: line(n, lr).tolist() for spec, n, lr in _runs(config)
-                                if n != "adam"},
+          "line_coefficients": {spec: line(n, lr).tolist() for spec, n, lr, m in _runs(config)
+                                if n != "adam" and m == "full"},
           "mean_abs_soup_minus_base": float(np.mean(np.concatenate(jax.tree.leaves(diff))))}
   return rows, info
 
@@ -133,7 +133,7 @@ def run(config, workdir: str):
   for (k, c), label in zip([(k, c) for k in config.experts for c in ("test", "shifted")],
                            ["test accuracy", "mean shifted-test accuracy"] * len(config.experts)):
     mean = lambda row: float(np.mean([r[c] for r in per[f"K={k}"][row]]))
-    curves = {spec: [mean(f"AME {spec}, T={t}") for t in steps] for spec, _, _ in _runs(config)}
+    curves = {spec: [mean(f"AME {spec}, T={t}") for t in steps] for spec, *_ in _runs(config)}
     curves.update({r: [mean(r)] * len(steps) for r in ("uniform soup", "experts (mean)")})
     report.plot_curve(os.path.join(workdir, f"ame_{c}_K{k}.png"), steps, curves,
                       xlabel="AME steps T", ylabel=label, title=f"K={k} experts")
