@@ -68,7 +68,7 @@ def get_config(arg=None):
     c.experts, c.members, c.seeds = (2,), 2, 1
     c.epochs = 1
     c.pretrain.examples, c.pretrain.epochs = 200, 1
-    c.ame.runs = ("sgd:1.0", "adam:0.003")
+    c.ame.runs = ("sgd:1.0", "adam:0.003:cyclic")
     c.ame.steps = (1, 3)
     c.progress = False
   return c

@@ -112,3 +112,19 @@ def test_bad_input_is_named(setup):
     ame.ame_merge(base, base, tx=sgd, steps=1)  # one model is not a stack of experts
   with pytest.raises(ValueError, match="Unknown AME optimizer"):
     ame.optimizer("rmsprop", learning_rate=0.1)
+
+
+def test_fit_experts_trains_each_expert_on_its_own_shard():
+  import flax.linen as nn
+  from ensembling import members
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(64, 3)).astype(np.float32)
+  y = np.repeat(np.arange(2), 32).astype(np.int32)  # shard k holds only class k
+  model = nn.Dense(2)
+  start = {"params": model.init(jax.random.key(0), x[:1])["params"]}
+  res = ame.fit_experts(model, start, x, y, np.arange(64).reshape(2, 32), tx=optax.sgd(0.5),
+                        num_steps=8, batch_size=8, seed=0, progress=False)
+  preds = members.predict(model, res.state, x).argmax(-1)  # (2, 64)
+  assert (preds[0] == 0).all() and (preds[1] == 1).all()
+  for k in range(2):  # the experts started from the shared point
+    assert not np.allclose(res.state["params"]["kernel"][k], start["params"]["kernel"])
