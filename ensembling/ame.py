@@ -25,6 +25,9 @@ an extrapolation past the soup (c_T < 0). Only coordinate-wise adaptive optimize
 (Adam, Adagrad, ...) leave that line: their first step moves every coordinate by about
 the learning rate towards the soup, whatever its distance.
 
+The experts themselves: `fit_experts` fine-tunes K copies of one start in one
+member-parallel `train.fit` run, expert k on shard k only (`data.shards`).
+
 Departures from the paper:
 - The default pseudo-gradient is the full weighted sum over the experts at every step
   (the definition in issue 15); the paper's online, one-expert-per-step view is offered
