@@ -36,10 +36,9 @@ def validate(config):
 def _sets(config, splits):
   """The test split and its shifted copies, shifted on [0, 1] pixels and re-standardised
   (the loader's standardisation is affine: min and max of train are pixels 0 and 1)."""
-  lo, hi = float(splits.x_train.min()), float(splits.x_train.max())
-  raw = (splits.x_test[:int(config.shifts.examples) or None] - lo) / (hi - lo)
+  lo, hi, s = float(splits.x_train.min()), float(splits.x_train.max()), config.shifts
+  raw = (splits.x_test[:int(s.examples) or None] - lo) / (hi - lo)
   back = lambda r: (r * (hi - lo) + lo).astype(np.float32)
-  s = config.shifts
   return {"test": splits.x_test, "rotate": back(shifts.rotate(raw, s.rotate)),
           "noise": back(shifts.gaussian_noise(int(config.seed), raw, s.noise_std, clip=(0, 1))),
           "contrast": back(shifts.contrast(raw, s.contrast))}
@@ -56,8 +55,7 @@ def _row(probs_by_set, labels_by_set):
 def _experts(config, splits, model, seed, k, workdir):
   """(base params, stacked expert params) for one seed and K."""
   x, y, bs, pc = splits.x_train, splits.y_train, int(config.batch_size), config.pretrain
-  perm = np.random.default_rng(seed).permutation(len(x))
-  pre, pool = perm[:int(pc.examples)], perm[int(pc.examples):]
+  pre, pool = np.split(np.random.default_rng(seed).permutation(len(x)), [int(pc.examples)])
   sched = configlib.schedule_from_config({**config.optim, "learning_rate": pc.learning_rate},
                                          total_steps=int(pc.epochs) * (len(pre) // bs))
   base = train.train_members(
@@ -65,9 +63,9 @@ def _experts(config, splits, model, seed, k, workdir):
       tx=configlib.optimizer_from_config(config.optim, schedule=sched), schedule=sched,
       workdir=os.path.join(workdir, f"seed{seed}", "pretrain"), progress=bool(config.progress))
   base = tree_lib.index(members.variables_of(base.state), 0)
-  sh = config.shards
+  sh = {**config.shards, "shard_size": config.shards.shard_size or None}
   idx = shards_lib.class_skewed_shards(y[pool], num_shards=k, num_classes=splits.num_classes,
-                                       seed=seed, **{**sh, "shard_size": sh.shard_size or None})
+                                       seed=seed, **sh)
   spe = idx.shape[1] // bs
   sched = configlib.schedule_from_config(config.optim, total_steps=spe * int(config.epochs))
   res = ame.fit_experts(model, base, x, y, pool[idx], num_steps=spe * int(config.epochs),
@@ -80,12 +78,12 @@ def _experts(config, splits, model, seed, k, workdir):
 
 
 def _compare(config, splits, model, sets, seed, k, workdir):
-  """{row: metrics} for one seed and K, and the AME step curves."""
+  """({row: metrics}, info) for one seed and K."""
   base, experts, shape = _experts(config, splits, model, seed, k, workdir)
   ex = tree_lib.unstack(experts)
   greedy = soups.greedy_soup(ex, soups.accuracy_fn(model, splits.x_val, splits.y_val))
   names = [f"expert {i}" for i in range(k)] + ["shared initialisation", "uniform soup",
-                                                f"greedy soup ({len(greedy.indices)} of {k})"]
+                                                "greedy soup"]
   params = ex + [base, soups.uniform_soup(ex).params, greedy.params]
   steps = sorted(int(t) for t in config.ame.steps)
   for spec, name, lr, mode in _runs(config):
@@ -102,28 +100,27 @@ def _compare(config, splits, model, sets, seed, k, workdir):
   rows = {name: _row({n: p[i] for n, p in probs.items()}, labels) for i, name in enumerate(names)}
   rows[f"output ensemble ({k} experts)"] = _row({n: p[:k].mean(0) for n, p in probs.items()},
                                                 labels)
-  vals = [rows[f"expert {i}"]["val"] for i in range(k)]
   rows["experts (mean)"] = {c: float(np.mean([rows[f"expert {i}"][c] for i in range(k)]))
                             for c in COLUMNS + ("val",)}
-  rows[f"best expert (val: {int(np.argmax(vals))})"] = rows[f"expert {int(np.argmax(vals))}"]
+  best = int(np.argmax([rows[f"expert {i}"]["val"] for i in range(k)]))
+  rows["best expert (by val)"] = rows[f"expert {best}"]
+  chosen = {"greedy soup ingredients": list(greedy.indices), "best expert": best}
   for spec, *_ in _runs(config):
-    t = max(steps, key=lambda t: (rows[f"AME {spec}, T={t}"]["val"], -t))
-    rows[f"AME {spec}, T selected on val ({t})"] = rows[f"AME {spec}, T={t}"]
+    chosen[f"AME {spec} T"] = max(steps, key=lambda t: (rows[f"AME {spec}, T={t}"]["val"], -t))
+    rows[f"AME {spec}, T selected on val"] = rows[f"AME {spec}, T={chosen[f'AME {spec} T']}"]
   line = lambda n, lr: ame.line_coefficients(ame.optimizer(
       n, learning_rate=lr, momentum=config.ame.momentum), steps=steps[-1])[np.array(steps) - 1]
   diff = jax.tree.map(lambda s, b: np.abs(s - b).ravel(), tree_lib.mean(experts), base)
-  info = {"shards": list(shape), "greedy": list(greedy.indices),
-          "line_coefficients": {spec: line(n, lr).tolist() for spec, n, lr, m in _runs(config)
-                                if n != "adam" and m == "full"},
-          "mean_abs_soup_minus_base": float(np.mean(np.concatenate(jax.tree.leaves(diff))))}
-  return rows, info
+  return rows, {"shards": list(shape), "chosen_on_val": chosen,
+                "line_coefficients": {spec: line(n, lr).tolist() for spec, n, lr, m in
+                                      _runs(config) if n != "adam" and m == "full"},
+                "mean_abs_soup_minus_base": float(np.mean(np.concatenate(jax.tree.leaves(diff))))}
 
 
 def run(config, workdir: str):
   splits = configlib.load_data(config)
   model = configlib.model_from_config(config.model, num_classes=splits.num_classes)
-  sets = _sets(config, splits)
-  per, infos = {}, {}
+  sets, per, infos = _sets(config, splits), {}, {}
   for seed in range(int(config.seed), int(config.seed) + int(config.seeds)):
     for k in config.experts:
       rows, infos[f"K{k}_seed{seed}"] = _compare(config, splits, model, sets, seed, k, workdir)
@@ -133,12 +130,13 @@ def run(config, workdir: str):
   for (k, c), label in zip([(k, c) for k in config.experts for c in ("test", "shifted")],
                            ["test accuracy", "mean shifted-test accuracy"] * len(config.experts)):
     mean = lambda row: float(np.mean([r[c] for r in per[f"K={k}"][row]]))
-    curves = {spec: [mean(f"AME {spec}, T={t}") for t in steps] for spec, *_ in _runs(config)}
-    curves.update({r: [mean(r)] * len(steps) for r in ("uniform soup", "experts (mean)")})
+    refs = ("uniform soup", f"output ensemble ({k} experts)")
+    curves = {**{spec: [mean(f"AME {spec}, T={t}") for t in steps] for spec, *_ in _runs(config)},
+              **{r: [mean(r)] * len(steps) for r in refs}}
     report.plot_curve(os.path.join(workdir, f"ame_{c}_K{k}.png"), steps, curves,
                       xlabel="AME steps T", ylabel=label, title=f"K={k} experts")
-  main = {g: {r: v for r, v in rows.items() if ", T=" not in r} for g, rows in per.items()}
-  sweep = {g: {r: v for r, v in rows.items() if ", T=" in r} for g, rows in per.items()}
+  main, sweep = ({g: {r: v for r, v in rows.items() if (", T=" in r) == s} for g, rows in
+                 per.items()} for s in (False, True))
   out = {"data": splits.describe(), "seeds": int(config.seeds), "info": infos,
          "rows": {g: {r: {"summary": report.seed_summary(v, COLUMNS + ("val",)), "per_seed": v}
                       for r, v in rows.items()} for g, rows in per.items()}}
@@ -146,5 +144,7 @@ def run(config, workdir: str):
               f"{config.data.name}, mean ± std over {config.seeds} seed(s)\n\nAccuracy on the "
               "test split, its rotated / noised / low-contrast copies and their mean (shifted); "
               "NLL on test and mean over the shifts.\n\n" + report.seed_table(main, COLUMNS)
+              + "\nChosen on validation accuracy:\n" + "".join(
+                  f"- {key}: {i['chosen_on_val']}\n" for key, i in infos.items())
               + "\n## Every AME step count\n\n" + report.seed_table(sweep, COLUMNS + ("val",)))
   return out, markdown
