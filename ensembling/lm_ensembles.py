@@ -416,3 +416,50 @@ def mlp_flops(in_dim: int, widths: Sequence[int], *, num_classes: int) -> float:
   """
   dims = [int(in_dim), *map(int, widths), int(num_classes)]
   return float(2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])))
+
+
+# --------------------------------------------------------------------------- all three
+
+METHODS = ("shallow_mean", "shallow_vote", "semi", "deep")
+
+
+def compare_ensembles(stack: Mapping[str, Any], test: Mapping[str, Any], *, num_classes: int,
+                      semi_tx: optax.GradientTransformation, semi_epochs: int,
+                      gate_tx: optax.GradientTransformation, gate_steps: int,
+                      batch_size: int = 128, gate_hidden: int = 64, entropy: float = 0.0,
+                      seed: int = 0) -> dict[str, dict]:
+  """The three ensembles of K members, fitted on `stack` and scored on `test`.
+
+  Args:
+    stack, test: {"emb": (K, N, D) member embeddings, "probs": (K, N, C) member
+      probabilities, "labels": (N,)}; the Semi head and the Deep gate train on `stack`.
+    num_classes: C.
+    semi_tx, semi_epochs: the Semi head's optimizer and epochs (`fit_semi`).
+    gate_tx, gate_steps, gate_hidden, entropy: the Deep gate's (`fit_gate`).
+    batch_size: for both.
+    seed: for both.
+
+  Returns:
+    {method: `scores`} for each of `METHODS` (voting has NLL and ECE None: its vote
+    shares are not a calibrated distribution), plus "gate_weights": the Deep gate's mean
+    weight per member on `test`.
+  """
+  for name, part in (("stack", stack), ("test", test)):
+    missing = {"emb", "probs", "labels"} - set(part)
+    if missing:
+      raise ValueError(f"{name} lacks {sorted(missing)}.")
+  if np.shape(stack["emb"])[0] != np.shape(test["emb"])[0]:
+    raise ValueError("stack and test must hold the same members.")
+  out = {"shallow_mean": scores(shallow_probs(test["probs"]), test["labels"])}
+  shares, pred = vote(test["probs"])
+  out["shallow_vote"] = {**scores(shares, test["labels"], preds_N=pred), "nll": None,
+                         "ece": None}
+  head, _ = fit_semi(stack["emb"], stack["labels"], num_classes=num_classes, tx=semi_tx,
+                     epochs=semi_epochs, batch_size=batch_size, seed=seed)
+  out["semi"] = scores(semi_probs(head, test["emb"]), test["labels"])
+  gate, _ = fit_gate(stack["emb"], stack["probs"], stack["labels"], tx=gate_tx,
+                     num_steps=gate_steps, batch_size=batch_size, hidden=gate_hidden,
+                     entropy=entropy, seed=seed)
+  out["deep"] = scores(deep_probs(gate, test["emb"], test["probs"]), test["labels"])
+  out["gate_weights"] = gate_weights(gate, test["emb"]).mean(0).tolist()
+  return out
