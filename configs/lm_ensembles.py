@@ -32,14 +32,14 @@ def get_config(arg=None):
   c.members = 3                     # K members per depth (seeds and learning rates differ)
   c.data_dir = configlib.SHARED_DATA
   c.limits = ml_collections.ConfigDict(dict(
-      train=1600 if a.task == "newsgroups" else 0,   # seeded random subsets (0: all)
-      stack=400 if a.task == "newsgroups" else 0,    # held out for the Semi head / Deep gate
-      test=1000 if a.task == "newsgroups" else 0,
+      train=1200 if a.task == "newsgroups" else 0,   # seeded random subsets (0: all)
+      stack=300 if a.task == "newsgroups" else 0,    # held out for the Semi head / Deep gate
+      test=800 if a.task == "newsgroups" else 0,
   ))
   c.encoder = ml_collections.ConfigDict(dict(
       path="minilm",                # a Hugging Face BERT folder, or "minilm"
       depths=(2, 3, 4, 6),          # one member family per depth: the first L layers
-      max_length=128 if a.task == "newsgroups" else 64,  # tokens per text
+      max_length=64,                # tokens per text (2 CPU cores: 64, not 128)
       batch_size=64,
   ))
   c.groups = ml_collections.ConfigDict(dict(  # ensembles: "depth.member" names
@@ -66,6 +66,10 @@ def get_config(arg=None):
     c.encoder.path = "tiny_random"
     c.encoder.max_length = 32
     c.limits.train, c.limits.stack, c.limits.test = 120, 60, 60
+    c.encoder.depths = (1, 2)
+    c.members, c.optim.lr_scale = 2, (1.0, 0.5)
+    c.groups = ml_collections.ConfigDict(dict(L1_L2="1.0 2.0"))
+    c.baseline = "2.0"
     c.model.widths = (16,)
     c.epochs = 2
     c.combine.semi_epochs, c.combine.gate_steps = 2, 5
