@@ -80,6 +80,12 @@ def test_bad_inputs_are_clear_errors():
     lme.fit_gate(np.zeros((2, 4, 3)), p, np.zeros(4, int), tx=optax.adam(1e-2), num_steps=1)
   with pytest.raises(ValueError, match="Labels must be integers"):
     lme.member_correct(p, np.array([0, 1, 2, 0]))
+  with pytest.raises(ValueError, match="at least one member"):
+    lme.vote(np.zeros((0, 4, 2)))
+  with pytest.raises(ValueError, match=r"stack lacks \['emb'\]"):
+    lme.compare_ensembles({"probs": p, "labels": np.zeros(4, int)}, {}, num_classes=2,
+                          semi_tx=optax.adam(1e-2), semi_epochs=1, gate_tx=optax.adam(1e-2),
+                          gate_steps=1)
   with pytest.raises(ValueError, match="of one shape"):
     lme.pair_features(np.zeros((2, 3)), np.zeros((2, 4)))
 
