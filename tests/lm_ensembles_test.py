@@ -1,0 +1,189 @@
+"""lm_ensembles: truncated members, Shallow / Semi / Deep ensembles, FLOPs, the SICK reader."""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ensembling import lm_ensembles as lme
+from ensembling import supernet
+from ensembling.data import sick
+from ensembling.models import bert
+
+
+def _probs(rng, k, n, c):
+  p = rng.random((k, n, c)) + 1e-3
+  return p / p.sum(-1, keepdims=True)
+
+
+def test_truncate_equals_the_full_encoders_states_after_l_layers():
+  cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=2, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+  params = bert.Bert(cfg).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                               train=False)["params"]
+  ids = jnp.array([[2, 7, 9, 3, 0, 0], [2, 5, 6, 8, 11, 3]], jnp.int32)
+  for depth in (1, 2):
+    p, c = lme.truncate(params, cfg, depth)
+    assert c.num_layers == depth and sorted(p) == ["embeddings"] + [f"layer_{i}"
+                                                                     for i in range(depth)]
+    got = bert.Bert(c).apply({"params": p}, ids, train=False).features
+    ref = bert.pool(bert.hidden_states(params, cfg, ids, stop=depth), ids, cfg, "mean")
+    chex.assert_trees_all_close(got, ref, atol=1e-5)
+  for bad in (0, 3):
+    with pytest.raises(ValueError, match="num_layers must be in"):
+      lme.truncate(params, cfg, bad)
+  with pytest.raises(ValueError, match="missing"):
+    lme.truncate({"embeddings": {}}, cfg, 1)
+
+
+def test_shallow_and_vote_match_numpy_loops():
+  rng = np.random.default_rng(0)
+  p = _probs(rng, 5, 40, 4)
+  w = rng.random(5)
+  w /= w.sum()
+  ref_mean = sum(w[k] * p[k] for k in range(5))
+  np.testing.assert_allclose(lme.shallow_probs(p, weights=w), ref_mean)
+  np.testing.assert_allclose(lme.shallow_probs(p), p.mean(0))
+  shares, pred = lme.vote(p, weights=w)
+  for n in range(40):
+    ref = np.zeros(4)
+    for k in range(5):
+      ref[np.argmax(p[k, n])] += w[k]
+    np.testing.assert_allclose(shares[n], ref)
+    tied = np.flatnonzero(np.isclose(ref, ref.max()))
+    assert pred[n] == tied[np.argmax(ref_mean[n, tied])]
+  # An explicit tie: one vote each for classes 1 and 2; class 2 has more mean mass.
+  tie = np.array([[[0.1, 0.5, 0.4]], [[0.0, 0.1, 0.9]]])
+  assert lme.vote(tie)[1].tolist() == [2]
+
+
+def test_bad_inputs_are_clear_errors():
+  p = _probs(np.random.default_rng(1), 3, 4, 2)
+  with pytest.raises(ValueError, match="sum to one"):
+    lme.shallow_probs(p, weights=[0.5, 0.5, 0.5])
+  with pytest.raises(ValueError, match="non-negative"):
+    lme.vote(p, weights=[1.5, -0.5, 0.0])
+  with pytest.raises(ValueError, match="one weight per member"):
+    lme.shallow_probs(p, weights=[0.5, 0.5])
+  with pytest.raises(ValueError, match="probabilities"):
+    lme.shallow_probs(np.log(p))
+  with pytest.raises(ValueError, match=r"\(K, N, C\)"):
+    lme.shallow_probs(p[0])
+  with pytest.raises(ValueError, match="NaN"):
+    lme.fit_semi(np.full((2, 4, 3), np.nan), np.zeros(4, int), num_classes=2,
+                 tx=optax.adam(1e-2), epochs=1)
+  with pytest.raises(ValueError, match="same members and examples"):
+    lme.fit_gate(np.zeros((2, 4, 3)), p, np.zeros(4, int), tx=optax.adam(1e-2), num_steps=1)
+  with pytest.raises(ValueError, match="Labels must be integers"):
+    lme.member_correct(p, np.array([0, 1, 2, 0]))
+  with pytest.raises(ValueError, match="at least one member"):
+    lme.vote(np.zeros((0, 4, 2)))
+  with pytest.raises(ValueError, match=r"stack lacks \['emb'\]"):
+    lme.compare_ensembles({"probs": p, "labels": np.zeros(4, int)}, {}, num_classes=2,
+                          semi_tx=optax.adam(1e-2), semi_epochs=1, gate_tx=optax.adam(1e-2),
+                          gate_steps=1)
+  with pytest.raises(ValueError, match="of one shape"):
+    lme.pair_features(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+def test_reinforce_gradient_is_the_expected_reward_gradient():
+  """E_a[-(r_a - b) grad log pi_a] = -grad sum_k pi_k c_k (closed form), by Monte Carlo."""
+  rng = np.random.default_rng(0)
+  k, f, reps = 3, 4, 20000
+  gate = lme.init_gate(jax.random.key(0), num_members=k, feature_dim=f // k + 1, hidden=5)
+  gate["out"] = {"kernel": jnp.asarray(rng.normal(size=(5, k)), jnp.float32),
+                 "bias": jnp.zeros(k)}
+  x = jnp.asarray(rng.normal(size=(2, k * (f // k + 1))), jnp.float32)
+  c = jnp.array([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+  batch = {"x": jnp.tile(x, (reps, 1)), "y": jnp.tile(c, (reps, 1))}
+  mc = jax.grad(lambda g: lme.reinforce_loss(g, batch, jax.random.key(1))[0])(gate)
+  exact = jax.grad(lambda g: -jnp.mean(jnp.sum(
+      jax.nn.softmax(lme.gate_logits(g, x)) * c, -1)))(gate)
+  scale = optax.tree.norm(exact)
+  err = optax.tree.norm(jax.tree.map(jnp.subtract, mc, exact))
+  assert float(err) < 0.05 * float(scale), (err, scale)
+
+
+def test_deep_gate_learns_which_member_to_trust_and_semi_is_a_concat_head():
+  # Member 0 is right when x > 0, member 1 when x <= 0; each alone is 50% right.
+  rng = np.random.default_rng(0)
+  n, c = 256, 2
+  x = rng.normal(size=n)
+  y = rng.integers(0, c, n)
+  right, wrong = np.eye(c)[y] * 0.8 + 0.1, np.eye(c)[1 - y] * 0.8 + 0.1
+  probs = np.stack([np.where((x > 0)[:, None], right, wrong),
+                    np.where((x <= 0)[:, None], right, wrong)])
+  emb = np.stack([np.stack([x, -x], 1), np.stack([-x, x], 1)])  # (K=2, N, D=2)
+  gate, hist = lme.fit_gate(emb, probs, y, tx=optax.adam(0.05), num_steps=150,
+                            batch_size=64, hidden=8)
+  deep = lme.deep_probs(gate, emb, probs)
+  assert lme.scores(deep, y)["accuracy"] > 0.9
+  assert lme.scores(lme.shallow_probs(probs), y)["accuracy"] < 0.65
+  assert hist[-1]["train_expected_reward"] > hist[0]["train_expected_reward"]
+  np.testing.assert_allclose(lme.gate_weights(gate, emb).sum(-1), 1.0, rtol=1e-5)
+  # Semi: the head reads [emb_0, emb_1] per row, as supernet's layout.
+  head, _ = lme.fit_semi(emb, y, num_classes=c, tx=optax.adam(1e-2), epochs=0)
+  feats = np.concatenate([emb[0], emb[1]], 1)
+  ref = np.asarray(jax.nn.softmax(feats @ np.asarray(head["kernel"]) + np.asarray(head["bias"])))
+  np.testing.assert_allclose(lme.semi_probs(head, emb), ref, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(head, supernet.init_head(jax.random.key(0), num_features=4,
+                                                       num_classes=c))
+
+
+def test_macro_f1_and_flops_against_explicit_counts():
+  rng = np.random.default_rng(3)
+  y, pred = rng.integers(0, 5, 200), rng.integers(0, 4, 200)  # class 4 never predicted
+  f1 = []
+  for c in range(5):  # F1 = harmonic mean of precision and recall, 0 when undefined
+    tp = sum(p == c and t == c for p, t in zip(pred, y))
+    prec = tp / max(sum(p == c for p in pred), 1)
+    rec = tp / max(sum(t == c for t in y), 1)
+    f1.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
+  assert np.isclose(lme.macro_f1(pred, y, num_classes=5), np.mean(f1))
+  cfg = bert.BertConfig(vocab_size=10, hidden_size=8, num_layers=4, intermediate_size=32)
+  one = lme.encoder_flops(cfg, num_layers=1, seq_len=5)
+  assert lme.encoder_flops(cfg, num_layers=4, seq_len=5) == 4 * one
+  # Dense layers: 2 * 5 tokens * (4 * 8*8 + 2 * 8*32); attention: 2 * 2 * 25 * 8.
+  assert one == 2 * 5 * (4 * 64 + 2 * 256) + 2 * 2 * 25 * 8
+
+
+def test_read_sick_entailment(tmp_path):
+  d = tmp_path / "sick" / "semeval2014"
+  d.mkdir(parents=True)
+  (d / "SICK_trial.txt").write_text("1\tA b\tC d\t4.5\tENTAILMENT\n2\tE\tF\t1.0\tCONTRADICTION\n")
+  p = sick.read_sick_entailment("trial", root=str(tmp_path))
+  assert p.sentences_a == ("A b", "E") and p.sentences_b == ("C d", "F")
+  assert [sick.LABELS[i] for i in p.labels] == ["ENTAILMENT", "CONTRADICTION"]
+  (d / "SICK_train.txt").write_text("1\tA\tB\t4.5\tMAYBE\n")
+  with pytest.raises(ValueError, match="unknown entailment label"):
+    sick.read_sick_entailment("train", root=str(tmp_path))
+  with pytest.raises(ValueError, match="Unknown SICK split"):
+    sick.read_sick_entailment("dev", root=str(tmp_path))
+  real = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+  if os.path.isdir(os.path.join(real, "sick")):
+    assert len(sick.read_sick_entailment("trial", root=real)) == 500
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                   "data", "sick")),
+                    reason="../shared/data/sick not present")
+def test_lm_ensembles_runlocal(tmp_path):
+  from configs import lm_ensembles as cfg_module
+  from experiments import main
+  config = cfg_module.get_config("task=sick,runlocal")
+  res = main.run_experiment(config, str(tmp_path))
+  rows = res["rows"]
+  names = [f"L{d}#{k}" for d in config.encoder.depths for k in range(config.members)]
+  assert set(names + [f"L1_L2 {m}" for m in lme.METHODS]) == set(rows)
+  # Voting and averaging agree with the members' own rows when recomputed from them:
+  # the ensemble of two members costs their two encoders (or the deeper one, shared).
+  flops = {n: rows[n]["GFLOPs (own encoders)"] for n in names}
+  assert np.isclose(rows["L1_L2 shallow_mean"]["GFLOPs (own encoders)"],
+                    flops["L1#0"] + flops["L2#0"])
+  assert rows["L1_L2 shallow_vote"]["nll"] is None
+  assert np.isclose(sum(rows["L1_L2 deep"]["gate_weights"]), 1.0, atol=1e-5)
+  assert os.path.exists(tmp_path / "features.npz")
