@@ -31,7 +31,7 @@ def get_config(arg=None):
                           runlocal=False)
   c = configlib.base_config()
   c.experiment = "merging"
-  c.members_strategy = "vmap"
+  c.members_strategy = "loop"      # XLA:CPU compiles a vmapped ResNet step for minutes
   c.parts = a.parts                 # "multitask", "scratch" or "multitask+scratch"
   c.data = configlib.fashion_mnist_data()  # validation split: picks the merge coefficients
   c.model = configlib.model_config("mlp", widths=(256, 256), dropout=0.0)  # part 1's model
@@ -60,13 +60,13 @@ def get_config(arg=None):
       model=configlib.model_config("resnet", blocks_per_stage=3, widths=(8, 16, 32)),
       members=4,                    # K models from different seeds (one vmapped run)
       train_examples=10000,         # first N training examples (0: all)
-      epochs=4,
+      epochs=3,
       learning_rate=0.05,           # SGD momentum 0.9, cosine to 0
       weight_decay=5e-4,
       max_iter=100,                 # weight matching / MergeMany iterations
       act_examples=256,             # training examples for activation matching
       bn_examples=1024,             # training examples for BatchNorm recomputation
-      test_examples=0,              # test examples for the curves and tables (0: all)
+      test_examples=2000,           # first N test examples for the curves and table (0: all)
       alphas=5,                     # points on the path between members 0 and 1
   ))
   if a.preset == "digits" or a.runlocal:

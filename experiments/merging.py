@@ -129,8 +129,8 @@ def _scratch(config, splits, workdir):
       tree_lib.interpolate(ms[0], ms[1], float(a)) for ms in aligned.values() for a in alphas]
   cands = trajectory.recalibrate(model, tree_lib.stack(cands), x, batch_size=int(config.batch_size),
                                  num_examples=int(sc.bn_examples))
-  ev = train.evaluate_members(model, cands, xt, yt, batch_size=int(config.eval_batch_size))
-  ind = train.evaluate_members(model, state, xt, yt, batch_size=int(config.eval_batch_size))
+  kw = dict(batch_size=int(config.eval_batch_size), strategy=config.members_strategy)
+  ev, ind = (train.evaluate_members(model, v, xt, yt, **kw) for v in (cands, state))
   k, na = len(names), len(alphas)
   curves = {m: {n: ev[m][k + i * na:k + (i + 1) * na].tolist() for i, n in enumerate(names)}
             for m in ("nll", "accuracy")}
