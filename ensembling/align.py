@@ -21,7 +21,9 @@ permuting the units of one to match the other they often are (Ainsworth et al. 2
   `mlp_activations`, `resnet_activations` gather them).
 - `merge_many(key, spec, models, max_iter=)` (MergeMany) aligns K models to each other:
   each in turn is weight-matched to the mean of the others, until a full round changes
-  no permutation.
+  no permutation. `align_models(key, spec, models, method=)` runs any of the four
+  (`ALIGN_METHODS`: naive, weight matching or activation matching to a reference,
+  MergeMany), so that the aligned models' average is the merge.
 - `apply_permutation(spec, perm, tree)` permutes every leaf the spec names, BatchNorm
   running statistics included (`batch_stats/...` leaves of the same module).
 - `interpolation_curve` / `barrier` measure the loss or accuracy barrier along
@@ -398,6 +400,73 @@ def align_to_reference(key, spec: PermutationSpec, reference: PyTree,
     perm = weight_matching(k, spec, reference, tree, max_iter=max_iter)
     out.append(apply_permutation(spec, perm, tree))
   return out
+
+
+def activation_align_to_reference(spec: PermutationSpec,
+                                  activations_fn: Callable[[PyTree, Any], Mapping[str, Any]],
+                                  reference: PyTree, others: Sequence[PyTree],
+                                  batches: Sequence[Any], *, similarity: str = "correlation"
+                                  ) -> list[PyTree]:
+  """Each of `others` permuted by activation matching to `reference` on `batches`.
+
+  `collect_activations(activations_fn, tree, batches)` of every model (the same
+  batches, so the rows are the same examples), then `activation_matching(spec,
+  acts_reference, acts_other, similarity=)` and `apply_permutation`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> mlp = models.MLP(widths=(6,), num_classes=2)
+  >>> v = mlp.init(jax.random.key(0), jnp.ones((1, 3)))
+  >>> spec = mlp_permutation_spec(v)
+  >>> shuffled = apply_permutation(spec, random_permutation(1, spec, v), v)
+  >>> back, = activation_align_to_reference(spec, mlp_activations(mlp), v, [shuffled],
+  ...                                       [jax.random.normal(jax.random.key(2), (50, 3))])
+  >>> bool(jnp.allclose(back["params"]["Dense_0"]["kernel"], v["params"]["Dense_0"]["kernel"]))
+  True
+  """
+  batches = list(batches)
+  acts_ref = collect_activations(activations_fn, reference, batches)
+  out = []
+  for tree in others:
+    perm = activation_matching(spec, acts_ref, collect_activations(activations_fn, tree, batches),
+                               similarity=similarity)
+    out.append(apply_permutation(spec, perm, tree))
+  return out
+
+
+ALIGN_METHODS = ("naive", "weight_matching", "activation_matching", "merge_many")
+
+
+def align_models(key, spec: PermutationSpec, models: Sequence[PyTree], *, method: str,
+                 reference: int = 0, activations_fn: Callable | None = None,
+                 batches: Sequence[Any] | None = None, max_iter: int = 100) -> list[PyTree]:
+  """K models brought into one permutation by `method` (their average is then a merge).
+
+  "naive": unchanged; "weight_matching": each model weight-matched to
+  `models[reference]` (`align_to_reference`); "activation_matching": the same by
+  `activation_align_to_reference` on `batches` (needs `activations_fn`);
+  "merge_many": `merge_many(key, spec, models).models` (no reference).
+
+  Returns:
+    The K aligned models, in input order (the reference unchanged).
+  """
+  if method not in ALIGN_METHODS:
+    raise ValueError(f"Unknown alignment method {method!r}; use one of {ALIGN_METHODS}.")
+  models = list(models)
+  if not 0 <= reference < len(models):
+    raise ValueError(f"reference {reference} is not one of the {len(models)} models.")
+  ref, others = models[reference], models[:reference] + models[reference + 1:]
+  if method == "naive":
+    return models
+  if method == "merge_many":
+    return merge_many(key, spec, models, max_iter=max_iter).models
+  if method == "weight_matching":
+    aligned = align_to_reference(key, spec, ref, others, max_iter=max_iter)
+  else:
+    if activations_fn is None or not batches:
+      raise ValueError("activation_matching needs an activations_fn and batches.")
+    aligned = activation_align_to_reference(spec, activations_fn, ref, others, batches)
+  return aligned[:reference] + [ref] + aligned[reference:]
 
 
 def _compose(first: Permutation, then: Permutation) -> Permutation:

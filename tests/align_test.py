@@ -296,3 +296,26 @@ def test_resnet_activations_follow_the_permutation_and_are_recovered():
   chex.assert_trees_all_close(align.apply_permutation(spec, perm, shuffled), v)
   with pytest.raises(ValueError, match="resnet_permutation_spec"):
     align.resnet_activations(model, align.mlp_permutation_spec(_mlp()[1]))(v, x)
+
+
+def test_align_models_brings_permuted_copies_together_by_every_method():
+  model, v, _ = _mlp()
+  spec = align.mlp_permutation_spec(v)
+  copies = [align.apply_permutation(spec, align.random_permutation(20 + i, spec, v), v)
+            for i in range(3)]
+  batches = [np.asarray(jax.random.normal(jax.random.key(7), (64, 4, 5)))]
+  kw = dict(activations_fn=align.mlp_activations(model), batches=batches, max_iter=20)
+  for method in align.ALIGN_METHODS:
+    out = align.align_models(0, spec, copies, method=method, reference=1, **kw)
+    assert len(out) == 3
+    if method == "naive":
+      assert all(o is c for o, c in zip(out, copies))
+      continue
+    if method != "merge_many":  # aligned to the reference, which is returned unchanged
+      assert out[1] is copies[1]
+    for o in out:
+      chex.assert_trees_all_close(o, out[1])
+  with pytest.raises(ValueError, match="Unknown alignment method"):
+    align.align_models(0, spec, copies, method="git")
+  with pytest.raises(ValueError, match="needs an activations_fn"):
+    align.align_models(0, spec, copies, method="activation_matching")
