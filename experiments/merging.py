@@ -89,8 +89,9 @@ def _multitask(config, splits, workdir):
 def _scratch(config, splits, workdir):
   sc = config.scratch
   model = configlib.model_from_config(sc.model, num_classes=splits.num_classes)
-  n, nt = int(sc.train_examples) or None, int(sc.test_examples) or None  # None: all
-  x, y, xt, yt = splits.x_train[:n], splits.y_train[:n], splits.x_test[:nt], splits.y_test[:nt]
+  n, nt, size = int(sc.train_examples) or None, int(sc.test_examples) or None, int(sc.image_size)
+  x, xt = (data.resize(a, size) if size else a for a in (splits.x_train[:n], splits.x_test[:nt]))
+  y, yt = splits.y_train[:n], splits.y_test[:nt]  # n, nt = None: all
   state = _train(config, model, x, y, num=sc.members, epochs=sc.epochs, lr=sc.learning_rate,
                  wd=sc.weight_decay, seed=config.seed + 7, desc=f"{sc.members} from scratch",
                  workdir=os.path.join(workdir, "scratch"))
