@@ -18,10 +18,12 @@ permuting the units of one to match the other they often are (Ainsworth et al. 2
   permutation changes.
 - `activation_matching(spec, acts_a, acts_b)` matches the units of each permutation by
   the correlation of their activations on the same data (`collect_activations`,
-  `mlp_activations` gather them).
+  `mlp_activations`, `resnet_activations` gather them).
 - `merge_many(key, spec, models, max_iter=)` (MergeMany) aligns K models to each other:
   each in turn is weight-matched to the mean of the others, until a full round changes
-  no permutation.
+  no permutation. `align_models(key, spec, models, method=)` runs any of the four
+  (`ALIGN_METHODS`: naive, weight matching or activation matching to a reference,
+  MergeMany), so that the aligned models' average is the merge.
 - `apply_permutation(spec, perm, tree)` permutes every leaf the spec names, BatchNorm
   running statistics included (`batch_stats/...` leaves of the same module).
 - `interpolation_curve` / `barrier` measure the loss or accuracy barrier along
@@ -400,6 +402,73 @@ def align_to_reference(key, spec: PermutationSpec, reference: PyTree,
   return out
 
 
+def activation_align_to_reference(spec: PermutationSpec,
+                                  activations_fn: Callable[[PyTree, Any], Mapping[str, Any]],
+                                  reference: PyTree, others: Sequence[PyTree],
+                                  batches: Sequence[Any], *, similarity: str = "correlation"
+                                  ) -> list[PyTree]:
+  """Each of `others` permuted by activation matching to `reference` on `batches`.
+
+  `collect_activations(activations_fn, tree, batches)` of every model (the same
+  batches, so the rows are the same examples), then `activation_matching(spec,
+  acts_reference, acts_other, similarity=)` and `apply_permutation`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> mlp = models.MLP(widths=(6,), num_classes=2)
+  >>> v = mlp.init(jax.random.key(0), jnp.ones((1, 3)))
+  >>> spec = mlp_permutation_spec(v)
+  >>> shuffled = apply_permutation(spec, random_permutation(1, spec, v), v)
+  >>> back, = activation_align_to_reference(spec, mlp_activations(mlp), v, [shuffled],
+  ...                                       [jax.random.normal(jax.random.key(2), (50, 3))])
+  >>> bool(jnp.allclose(back["params"]["Dense_0"]["kernel"], v["params"]["Dense_0"]["kernel"]))
+  True
+  """
+  batches = list(batches)
+  acts_ref = collect_activations(activations_fn, reference, batches)
+  out = []
+  for tree in others:
+    perm = activation_matching(spec, acts_ref, collect_activations(activations_fn, tree, batches),
+                               similarity=similarity)
+    out.append(apply_permutation(spec, perm, tree))
+  return out
+
+
+ALIGN_METHODS = ("naive", "weight_matching", "activation_matching", "merge_many")
+
+
+def align_models(key, spec: PermutationSpec, models: Sequence[PyTree], *, method: str,
+                 reference: int = 0, activations_fn: Callable | None = None,
+                 batches: Sequence[Any] | None = None, max_iter: int = 100) -> list[PyTree]:
+  """K models brought into one permutation by `method` (their average is then a merge).
+
+  "naive": unchanged; "weight_matching": each model weight-matched to
+  `models[reference]` (`align_to_reference`); "activation_matching": the same by
+  `activation_align_to_reference` on `batches` (needs `activations_fn`);
+  "merge_many": `merge_many(key, spec, models).models` (no reference).
+
+  Returns:
+    The K aligned models, in input order (the reference unchanged).
+  """
+  if method not in ALIGN_METHODS:
+    raise ValueError(f"Unknown alignment method {method!r}; use one of {ALIGN_METHODS}.")
+  models = list(models)
+  if not 0 <= reference < len(models):
+    raise ValueError(f"reference {reference} is not one of the {len(models)} models.")
+  ref, others = models[reference], models[:reference] + models[reference + 1:]
+  if method == "naive":
+    return models
+  if method == "merge_many":
+    return merge_many(key, spec, models, max_iter=max_iter).models
+  if method == "weight_matching":
+    aligned = align_to_reference(key, spec, ref, others, max_iter=max_iter)
+  else:
+    if activations_fn is None or not batches:
+      raise ValueError("activation_matching needs an activations_fn and batches.")
+    aligned = activation_align_to_reference(spec, activations_fn, ref, others, batches)
+  return aligned[:reference] + [ref] + aligned[reference:]
+
+
 def _compose(first: Permutation, then: Permutation) -> Permutation:
   """The permutation equal to applying `first`, then `then`."""
   return {p: np.asarray(first[p])[np.asarray(then[p])] for p in first}
@@ -562,6 +631,76 @@ def mlp_activations(model, *, pre_activation: bool = False, **apply_kwargs
         h = jax.nn.relu(captured.get(f"bn_{i}", h))
       out[f"P_{m}"] = h
     return out
+
+  return fn
+
+
+def resnet_activations(model, spec: PermutationSpec, **apply_kwargs
+                       ) -> Callable[[PyTree, Any], dict]:
+  """An `activations_fn` for `models.ResNet`: the units of every permutation of `spec`.
+
+  For `P_stage<s>_block<b>_inner`: relu(bn1(conv1(x))) of that block. For a residual
+  stream (`P_res<s>`): every tensor written to the stream, i.e. relu(bn_stem(stem(x)))
+  for the first stream and the output relu(x + y) of each block whose `bn2` is on the
+  stream, their rows (examples x positions) concatenated, so that a unit's correlation
+  is measured over all the layers that share its permutation. Captured with
+  `flax.linen.intercept_methods`; the names come from `spec`
+  (`resnet_permutation_spec` of the same tree).
+
+  Args:
+    model: the `models.ResNet`.
+    spec: its `resnet_permutation_spec`.
+    **apply_kwargs: passed to `model.apply` (default inference mode, train=False).
+
+  Returns:
+    `fn(variables, x) -> {permutation name: (rows, units)}`.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from ensembling import models
+  >>> net = models.ResNet(blocks_per_stage=1, widths=(2, 4))
+  >>> v = net.init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+  >>> acts = resnet_activations(net, resnet_permutation_spec(v))(v, jnp.ones((3, 8, 8, 1)))
+  >>> {k: a.shape for k, a in sorted(acts.items())}  # doctest: +NORMALIZE_WHITESPACE
+  {'P_res0': (384, 2), 'P_res1': (48, 4), 'P_stage0_block0_inner': (192, 2),
+   'P_stage1_block0_inner': (48, 4)}
+  """
+  import flax.linen as nn
+
+  def perm_of(*parts):
+    suffix = "/" + "/".join(parts) + "/scale"
+    found = [axes[0] for name, axes in spec.axes_to_perm.items()
+             if ("/" + name).endswith(suffix)]
+    if len(found) != 1:
+      raise ValueError(f"The spec has no single BatchNorm scale '{suffix[1:]}' (found "
+                       f"{len(found)}): pass the resnet_permutation_spec of this model.")
+    return found[0]
+
+  def fn(tree, x):
+    variables = tree if isinstance(tree, Mapping) and "params" in tree else {"params": tree}
+    captured: dict[tuple, jax.Array] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      path = tuple(context.module.path)
+      if context.method_name == "__call__" and (
+          path == ("bn_stem",) or (len(path) == 1 and _RESNET_BLOCK.fullmatch(path[0]))
+          or (len(path) == 2 and _RESNET_BLOCK.fullmatch(path[0]) and path[1] == "bn1")):
+        captured[path] = out
+      return out
+
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, x, **apply_kwargs)
+    if ("bn_stem",) not in captured:
+      raise ValueError("resnet_activations found no 'bn_stem': not a models.ResNet.")
+    rows: dict[str, list] = {}
+    add = lambda p, a: rows.setdefault(p, []).append(jnp.reshape(a, (-1, a.shape[-1])))
+    add(perm_of("bn_stem"), jax.nn.relu(captured[("bn_stem",)]))
+    blocks = sorted((tuple(int(g) for g in _RESNET_BLOCK.fullmatch(p[0]).groups()), p[0])
+                    for p in captured if len(p) == 1 and p[0] != "bn_stem")
+    for _, b in blocks:
+      add(perm_of(b, "bn1"), jax.nn.relu(captured[(b, "bn1")]))
+      add(perm_of(b, "bn2"), captured[(b,)])
+    return {p: jnp.concatenate(a) if len(a) > 1 else a[0] for p, a in rows.items()}
 
   return fn
 

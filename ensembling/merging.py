@@ -16,7 +16,8 @@ from one `base`:
 and methods that need no base but statistics of each model on its data:
 
 - `fisher_merge` (Matena & Raffel 2022, "Merging models with Fisher-weighted
-  averaging"), with `diagonal_fisher` to compute the Fishers;
+  averaging"), with `diagonal_fisher` to compute the Fishers (`classifier_log_likelihood`
+  gives it a classifier's log-likelihood);
 - `regmean` (Jin et al. 2023, "Dataless knowledge fusion by merging weights of language
   models"), with `gram_matrices` and `dense_inputs` to compute the Gram matrices.
 
@@ -669,6 +670,33 @@ def diagonal_fisher(log_likelihood_fn: Callable[[PyTree, Any, Any], jax.Array],
   if count == 0:
     raise ValueError("diagonal_fisher got no batches.")
   return jax.tree.map(lambda a: a / count, total)
+
+
+def classifier_log_likelihood(model, **apply_kwargs) -> Callable[[PyTree, Any, Any], jax.Array]:
+  """`(params, x, y) -> (B,)` log p(y | x) of a classifier: a `diagonal_fisher` input.
+
+  log_softmax of the logits of `models.as_model(model).apply({"params": params}, x,
+  train=False)` at the labels `y` (int, (B,)). For models with BatchNorm, close over
+  the statistics with a lambda of your own.
+
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> net = nn.Dense(3)
+  >>> p = net.init(jax.random.key(0), jnp.ones((1, 2)))["params"]
+  >>> x, y = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
+  >>> ll = classifier_log_likelihood(net)(p, x, y)
+  >>> bool(jnp.allclose(ll, jax.nn.log_softmax(net.apply({"params": p}, x))[jnp.arange(4), y]))
+  True
+  """
+  from ensembling.models.contract import as_model
+  m = as_model(model)
+  apply_kwargs = {"train": False, **apply_kwargs}
+
+  def log_likelihood(params, x, y):
+    out, _ = m.apply({"params": params}, x, **apply_kwargs)
+    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, jnp.asarray(y, jnp.int32)[:, None], axis=1)[:, 0]
+
+  return log_likelihood
 
 
 # --------------------------------------------------------------------------- RegMean

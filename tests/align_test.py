@@ -263,3 +263,59 @@ def test_activation_matching_recovers_a_known_permutation(make, similarity):
   with pytest.raises(ValueError, match="missing \\['P_Dense_2'\\]"):
     align.activation_matching(spec, {k: a for k, a in acts_a.items() if k != "P_Dense_2"},
                               acts_b)
+
+
+def test_resnet_activations_follow_the_permutation_and_are_recovered():
+  model, v, x = _resnet(blocks_per_stage=1, widths=(4, 6))
+  spec = align.resnet_permutation_spec(v)
+  fn = align.resnet_activations(model, spec)
+  acts = align.collect_activations(fn, v, [np.asarray(x)])
+  assert set(acts) == set(spec.perm_to_axes)
+  # stream 0: the stem's relu(bn) and the block of stage 0 (3 x 8 x 8 positions each)
+  assert acts["P_res0"].shape == (2 * 3 * 64, 4) and acts["P_res1"].shape == (3 * 16, 6)
+  # reference: the stem, by hand (conv without bias, BN in inference mode, ReLU)
+  p, s = v["params"], v["batch_stats"]
+  stem = jax.lax.conv_general_dilated(x, p["stem"]["kernel"], (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  stem = ((stem - s["bn_stem"]["mean"]) / jnp.sqrt(s["bn_stem"]["var"] + 1e-5)
+          * p["bn_stem"]["scale"] + p["bn_stem"]["bias"])
+  np.testing.assert_allclose(acts["P_res0"][:3 * 64], np.maximum(stem, 0).reshape(-1, 4),
+                             rtol=1e-4, atol=1e-4)
+  # the last stream's last rows are the features the head reads, before pooling
+  out = model.apply(v, x)
+  np.testing.assert_allclose(acts["P_res1"][-3 * 16:].reshape(3, 16, 6).mean(1),
+                             out.features, rtol=1e-4, atol=1e-5)
+  # permuting the network permutes its units (new unit i = old unit perm[i]) ...
+  true = align.random_permutation(3, spec, v)
+  shuffled = align.apply_permutation(spec, true, v)
+  acts_b = align.collect_activations(fn, shuffled, [np.asarray(x)])
+  for name, a in acts.items():
+    np.testing.assert_allclose(acts_b[name], a[:, true[name]], rtol=1e-4, atol=1e-5)
+  # ... and activation matching undoes it
+  perm = align.activation_matching(spec, acts, acts_b)
+  chex.assert_trees_all_close(align.apply_permutation(spec, perm, shuffled), v)
+  with pytest.raises(ValueError, match="resnet_permutation_spec"):
+    align.resnet_activations(model, align.mlp_permutation_spec(_mlp()[1]))(v, x)
+
+
+def test_align_models_brings_permuted_copies_together_by_every_method():
+  model, v, _ = _mlp()
+  spec = align.mlp_permutation_spec(v)
+  copies = [align.apply_permutation(spec, align.random_permutation(20 + i, spec, v), v)
+            for i in range(3)]
+  batches = [np.asarray(jax.random.normal(jax.random.key(7), (64, 4, 5)))]
+  kw = dict(activations_fn=align.mlp_activations(model), batches=batches, max_iter=20)
+  for method in align.ALIGN_METHODS:
+    out = align.align_models(0, spec, copies, method=method, reference=1, **kw)
+    assert len(out) == 3
+    if method == "naive":
+      assert all(o is c for o, c in zip(out, copies))
+      continue
+    if method != "merge_many":  # aligned to the reference, which is returned unchanged
+      assert out[1] is copies[1]
+    for o in out:
+      chex.assert_trees_all_close(o, out[1])
+  with pytest.raises(ValueError, match="Unknown alignment method"):
+    align.align_models(0, spec, copies, method="git")
+  with pytest.raises(ValueError, match="needs an activations_fn"):
+    align.align_models(0, spec, copies, method="activation_matching")

@@ -583,3 +583,15 @@ def test_validation_errors():
     merging.regmean(mods, [{"enc/bias": np.eye(4)}] * 2)
   with pytest.raises(ValueError, match="model 0 for 'enc/kernel' has NaN"):
     merging.regmean(mods, [{"enc/kernel": np.full((5, 5), np.nan)}, g])
+
+
+def test_classifier_log_likelihood_of_an_mlp():
+  model = models.MLP(widths=(6,), num_classes=4)
+  x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+  y = np.array([0, 3, 1, 2, 3])
+  p = model.init(jax.random.key(0), x)["params"]
+  h = np.maximum(x @ np.asarray(p["Dense_0"]["kernel"]) + np.asarray(p["Dense_0"]["bias"]), 0)
+  logits = (h @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"])).astype(np.float64)
+  ref = logits[np.arange(5), y] - np.log(np.exp(logits).sum(1))
+  np.testing.assert_allclose(merging.classifier_log_likelihood(model)(p, x, y), ref,
+                             rtol=1e-5, atol=1e-5)

@@ -140,3 +140,15 @@ def test_digits_28x28_is_bilinear_upsampling_of_sklearn_digits():
   np.testing.assert_array_equal(framed[:, :, -4:], 0.0)
   np.testing.assert_allclose(framed[5, 4:24, 4:24, 0], _bilinear_half_pixel(raw[5], 20),
                              atol=1e-5)
+
+
+def test_by_name_dispatches_to_the_documented_shift():
+  x = np.random.default_rng(0).uniform(size=(2, 6, 6, 1)).astype(np.float32)
+  np.testing.assert_array_equal(shifts.by_name("rotate180", x), np.rot90(x, 2, axes=(1, 2)))
+  np.testing.assert_allclose(shifts.by_name("rotate30", x, cval=0.5),
+                             shifts.rotate(x, 30, order=1, cval=0.5))
+  np.testing.assert_array_equal(shifts.by_name("noise0.5", x, seed=3),
+                                shifts.gaussian_noise(3, x, 0.5))
+  np.testing.assert_array_equal(shifts.by_name("contrast0.3", x), shifts.contrast(x, 0.3))
+  with pytest.raises(ValueError, match="Unknown shift 'blur2'"):
+    shifts.by_name("blur2", x)

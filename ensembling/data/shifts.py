@@ -7,11 +7,13 @@ loader's pixels before `make_splits` standardizes them): apply the shift first, 
 the training split's standardization, or pass the standardized background value as
 `cval` to `rotate`. The corruptions follow the usual benchmark definitions
 (MNIST-C / CIFAR-10-C: Gaussian noise x + N(0, std^2), contrast (x - mean) * c + mean,
-both optionally clipped to [0, 1]).
+both optionally clipped to [0, 1]). `by_name` applies one of them from a short name
+("rotate90", "noise0.5", "contrast0.3"), e.g. to define tasks in a config.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -123,6 +125,33 @@ def contrast(x, factor: float, *, clip=None) -> np.ndarray:
   m = x.mean(axis=(1, 2), keepdims=True)
   # The blend x * f + m * (1 - f) is (x - m) * f + m, exact at f = 1 (x) and f = 0 (m).
   return _maybe_clip((x * factor + m * (1.0 - factor)).astype(x.dtype), clip)
+
+
+SHIFT_NAME = re.compile(r"(rotate|noise|contrast)(\d+(?:\.\d+)?)")
+
+
+def by_name(name: str, x, *, seed: int = 0, cval: float = 0.0) -> np.ndarray:
+  """The shift that `name` describes, applied to `x`.
+
+  "rotate<degrees>" is `rotate(x, degrees, cval=cval)` (nearest neighbour, `order=0`,
+  for multiples of 90 degrees, which then equal `np.rot90`; bilinear otherwise);
+  "noise<std>" is `gaussian_noise(seed, x, std)`; "contrast<factor>" is
+  `contrast(x, factor)` (no clipping, so they suit standardized images too).
+
+  >>> x = np.arange(4.0).reshape(1, 2, 2, 1)
+  >>> bool((by_name("rotate90", x) == np.rot90(x, 1, axes=(1, 2))).all())
+  True
+  """
+  match = SHIFT_NAME.fullmatch(str(name))
+  if match is None:
+    raise ValueError(f"Unknown shift {name!r}; use rotate<degrees>, noise<std> or "
+                     "contrast<factor>, e.g. rotate90, noise0.5, contrast0.3.")
+  kind, value = match.group(1), float(match.group(2))
+  if kind == "rotate":
+    return rotate(x, value, order=0 if value % 90 == 0 else 1, cval=cval)
+  if kind == "noise":
+    return gaussian_noise(int(seed), x, value)
+  return contrast(x, value)
 
 
 def digits_28x28(*, border: int = 0) -> np.ndarray:
