@@ -246,6 +246,7 @@ class Bert(nn.Module):
       head named `head` on the pooled features.
     lora_rank, lora_alpha: LoRA on the query / value projections of every layer (0: none).
     adapter_size: a bottleneck adapter after every feed-forward block (0: none).
+    adapter_start: adapters only in layers [adapter_start, num_layers) (0: all layers).
   """
   cfg: BertConfig
   pooling: str = "mean"
@@ -253,6 +254,7 @@ class Bert(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 16.0
   adapter_size: int = 0
+  adapter_start: int = 0
 
   @nn.compact
   def __call__(self, input_ids_BxL, *, train: bool) -> Output:
@@ -278,16 +280,25 @@ def _check_ids(input_ids_BxL, cfg: BertConfig):
 
 def _encoder(module, cfg: BertConfig, ids, *, train: bool):
   """Embeddings and layers inside `module`'s compact scope: (token states, Embeddings)."""
-  for name in ("lora_rank", "adapter_size"):
-    if getattr(module, name) < 0:
-      raise ValueError(f"{name} must be >= 0, got {getattr(module, name)}.")
+  check_adapter_args(cfg, module.lora_rank, module.adapter_size, module.adapter_start)
   emb = Embeddings(cfg, name="embeddings")
   x = emb(ids, train=train)
   bias = attention_bias(ids, cfg, x.dtype)
   for i in range(cfg.num_layers):
-    x = TransformerLayer(cfg, module.lora_rank, module.lora_alpha, module.adapter_size,
+    on = i >= module.adapter_start
+    x = TransformerLayer(cfg, module.lora_rank * on, module.lora_alpha, module.adapter_size * on,
                          name=f"layer_{i}")(x, bias, train=train)
   return x, emb
+
+
+def check_adapter_args(cfg: BertConfig, lora_rank: int, adapter_size: int,
+                       adapter_start: int) -> None:
+  """Clear errors for negative sizes or a first adapted layer outside [0, num_layers)."""
+  for name, v in (("lora_rank", lora_rank), ("adapter_size", adapter_size)):
+    if v < 0:
+      raise ValueError(f"{name} must be >= 0, got {v}.")
+  if not 0 <= adapter_start < cfg.num_layers:
+    raise ValueError(f"adapter_start must be in [0, {cfg.num_layers}), got {adapter_start}.")
 
 
 class MLMHead(nn.Module):
@@ -318,6 +329,7 @@ class BertMLM(nn.Module):
   lora_rank: int = 0
   lora_alpha: float = 16.0
   adapter_size: int = 0
+  adapter_start: int = 0
 
   @nn.compact
   def __call__(self, input_ids_BxL, positions_BxP=None, *, train: bool) -> Output:
@@ -397,13 +409,29 @@ def hidden_states(params: dict, cfg: BertConfig, ids_BxL, *, stop: int):
   return run_layers(params, cfg, x, ids, start=0, stop=stop)
 
 
-def run_layers(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int, stop: int):
-  """Applies layers [start, stop) (inference mode) to token states `x_BxLxD`."""
+def run_layers(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int, stop: int,
+               lora_rank: int = 0, lora_alpha: float = 16.0, adapter_size: int = 0,
+               adapter_start: int = 0):
+  """Applies layers [start, stop) (inference mode) to token states `x_BxLxD`.
+
+  With adapters (as the model's `lora_rank` / `adapter_size` / `adapter_start`), layers
+  from `adapter_start` on run theirs: states cached below `adapter_start` are shared by
+  every adapter of one base model.
+  """
   bias = attention_bias(ids_BxL, cfg, x_BxLxD.dtype)
   for i in range(start, stop):
-    x_BxLxD = TransformerLayer(cfg).apply({"params": params[f"layer_{i}"]}, x_BxLxD, bias,
-                                          train=False)
+    on = i >= adapter_start
+    layer = TransformerLayer(cfg, lora_rank * on, lora_alpha, adapter_size * on)
+    x_BxLxD = layer.apply({"params": params[f"layer_{i}"]}, x_BxLxD, bias, train=False)
   return x_BxLxD
+
+
+def mlm_logits(params: dict, cfg: BertConfig, x_BxLxD, positions_BxP):
+  """`BertMLM`'s logits (B, P, V) from final token states (its `mlm_head/` params)."""
+  x = jnp.take_along_axis(x_BxLxD, jnp.asarray(positions_BxP)[..., None].astype(jnp.int32),
+                          axis=1)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  return MLMHead(cfg).apply({"params": params["mlm_head"]}, x, table)
 
 
 def encode_from(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int,
