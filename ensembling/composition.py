@@ -297,9 +297,10 @@ def _fns(model: bert.BertMLM):
                         **_top_kwargs(model))
     return bert.mlm_logits(params, cfg, x, pos)
 
-  def per_adapter(base, adapters_A, ids, pos, targets, weights):
-    h = bert.hidden_states(base, cfg, ids, stop=start)  # shared by every adapter
+  def states(base, ids):
+    return bert.hidden_states(base, cfg, ids, stop=start)
 
+  def per_adapter(base, adapters_A, h, ids, pos, targets, weights):
     def one(ad):
       logits = top(bert.with_adapter(base, ad), h, ids, pos)
       logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
@@ -308,16 +309,14 @@ def _fns(model: bert.BertMLM):
       return jnp.take_along_axis(logp, targets[..., None], -1)[..., 0], ent
     return jax.vmap(one)(adapters_A)
 
-  def per_text(base, adapters_B, ids, pos, targets):
-    h = bert.hidden_states(base, cfg, ids, stop=start)
-
+  def per_text(base, adapters_B, h, ids, pos, targets):
     def one(ad, h1, ids1, pos1, t1):
       logits = top(bert.with_adapter(base, ad), h1[None], ids1[None], pos1[None])[0]
       logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
       return jnp.take_along_axis(logp, t1[:, None], -1)[:, 0]
     return jax.vmap(one)(adapters_B, h, ids, pos, targets)
 
-  return jax.jit(per_adapter), jax.jit(per_text)
+  return jax.jit(states), jax.jit(per_adapter), jax.jit(per_text)
 
 
 def _check_batch(batch):
@@ -330,8 +329,32 @@ def _chunks(n, size):
   return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
+def shared_states(params: PyTree, model: bert.BertMLM, batch: dict, *, batch_size: int = 16
+                  ) -> np.ndarray:
+  """Token states (N, L, D) below the first adapted layer: the same for every adapter.
+
+  Computed once and passed as `states=` to `adapter_log_probs` / `merged_log_probs`, they
+  spare every later pass the `model.adapter_start` bottom layers.
+  """
+  _check_batch(batch)
+  fwd = _fns(model)[0]
+  n = len(batch["ids"])
+  return np.concatenate([np.asarray(fwd(params, _pad(np.asarray(batch["ids"][sl]), batch_size)))
+                         [:sl.stop - sl.start] for sl in _chunks(n, batch_size)])
+
+
+def _states(params, model, batch, states, batch_size):
+  if states is None:
+    return shared_states(params, model, batch, batch_size=batch_size)
+  if np.shape(states)[:2] != np.shape(batch["ids"]):
+    raise ValueError(f"states {np.shape(states)} do not match the batch's ids "
+                     f"{np.shape(batch['ids'])}.")
+  return states
+
+
 def adapter_log_probs(params: PyTree, model: bert.BertMLM, adapters_A: PyTree, batch: dict,
-                      *, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                      *, batch_size: int = 16, states: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
   """Every adapter on every masked text: log p(target) (A, N, P) and mean entropy (A, N).
 
   Args:
@@ -341,14 +364,17 @@ def adapter_log_probs(params: PyTree, model: bert.BertMLM, adapters_A: PyTree, b
     adapters_A: A adapters stacked on axis 0 (`bert.adapter_params` of stacked members).
     batch: `adapters.mask_tokens` output for N texts (`replace=False` for evaluation).
     batch_size: texts per forward pass (the last chunk is padded to keep one shape).
+    states: `shared_states(params, model, batch)` if already computed.
   """
   _check_batch(batch)
-  fwd = _fns(model)[0]
+  h_all = _states(params, model, batch, states, batch_size)
+  fwd = _fns(model)[1]
   n = len(batch["ids"])
   lps, ents = [], []
   for sl in _chunks(n, batch_size):
     b = {k: _pad(np.asarray(v[sl]), batch_size) for k, v in batch.items()}
-    lp, ent = fwd(params, adapters_A, b["ids"], b["positions"], b["targets"], b["weights"])
+    lp, ent = fwd(params, adapters_A, _pad(h_all[sl], batch_size), b["ids"], b["positions"],
+                  b["targets"], b["weights"])
     m = sl.stop - sl.start
     lps.append(np.asarray(lp)[:, :m])
     ents.append(np.asarray(ent)[:, :m])
@@ -356,10 +382,12 @@ def adapter_log_probs(params: PyTree, model: bert.BertMLM, adapters_A: PyTree, b
 
 
 def merged_log_probs(params: PyTree, model: bert.BertMLM, adapters_A: PyTree, weights_NxA,
-                     batch: dict, *, batch_size: int = 16) -> np.ndarray:
+                     batch: dict, *, batch_size: int = 16, states: np.ndarray | None = None
+                     ) -> np.ndarray:
   """log p(target) (N, P) with one parameter-averaged adapter per text (`merge_adapters`)."""
   _check_batch(batch)
-  fwd = _fns(model)[1]
+  h_all = _states(params, model, batch, states, batch_size)
+  fwd = _fns(model)[2]
   a = tree_lib.num_members(adapters_A)
   w = check_weights(weights_NxA, a)
   n = len(batch["ids"])
@@ -369,7 +397,8 @@ def merged_log_probs(params: PyTree, model: bert.BertMLM, adapters_A: PyTree, we
   for sl in _chunks(n, batch_size):
     merged = merge_adapters(adapters_A, _pad(w[sl], batch_size, fill_first=True))
     b = {k: _pad(np.asarray(v[sl]), batch_size) for k, v in batch.items()}
-    lp = fwd(params, merged, b["ids"], b["positions"], b["targets"])
+    lp = fwd(params, merged, _pad(h_all[sl], batch_size), b["ids"], b["positions"],
+             b["targets"])
     out.append(np.asarray(lp)[:sl.stop - sl.start])
   return np.concatenate(out)
 
