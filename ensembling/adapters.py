@@ -210,7 +210,8 @@ def init_adapters(params: PyTree, model: bert.BertMLM, *, num: int, seed: int) -
     raise ValueError("The model has no adapters: set lora_rank or adapter_size.")
   ids = jnp.full((1, 4), model.cfg.pad_token_id + 1, jnp.int32)
   init = lambda k: bert.adapter_params(model.init(k, ids, train=False)["params"])
-  return jax.vmap(init)(jax.random.split(jax.random.key(seed), members.check_num_members(num)))
+  keys = jax.random.split(jax.random.key(seed), members.check_num_members(num))
+  return jax.jit(jax.vmap(init))(keys)  # one compiled program, not op-by-op dispatch
 
 
 class FitResult(NamedTuple):
