@@ -237,7 +237,7 @@ def ensemble_log_probs(logp_AxNxP: np.ndarray, weights_NxA) -> np.ndarray:
   """(N, P) log of the weighted mixture sum_a w[n, a] p_a(token) at every position.
 
   >>> lp = np.log(np.array([[[0.2]], [[0.6]]]))
-  >>> float(np.exp(ensemble_log_probs(lp, [[0.5, 0.5]]))[0, 0])
+  >>> round(float(np.exp(ensemble_log_probs(lp, [[0.5, 0.5]]))[0, 0]), 6)
   0.4
   """
   lp = np.asarray(logp_AxNxP, np.float64)

@@ -81,7 +81,7 @@ def run(config, workdir: str):
   kw = dict(batch_size=bs, states=composition.shared_states(head.params, model, batch,
                                                             batch_size=bs))
   lp, ent = composition.adapter_log_probs(head.params, model, adapters_A, batch, **kw)
-  zero = jax.tree.map(lambda x: jnp.zeros_like(x[:1]), adapters_A)
+  zero = jax.tree.map(jnp.zeros_like, adapters_A)  # identity adapters, the compiled shape
   lp_base = composition.adapter_log_probs(head.params, model, zero, batch, **kw)[0][0]
   ppl = lambda x: composition.perplexity(x, batch["weights"])
   enc = lambda texts: text.encode_members(tree_lib.broadcast(base, 1), cfg, tok, texts,
