@@ -267,7 +267,7 @@ def forward_passes(strategy: str, combination: str, k: int, num_adapters: int) -
   """Encoder passes per text: scoring (sentence 1, entropy A, else 0) + combination.
 
   `ensemble` runs its k adapters (entropy's A passes already hold them all), `average`
-  one merged adapter.
+  one merged adapter (with k = 1 that adapter itself, counted as `ensemble`).
 
   >>> forward_passes("sentence", "ensemble", 3, 6), forward_passes("entropy", "average", 3, 6)
   (4, 7)
@@ -276,7 +276,7 @@ def forward_passes(strategy: str, combination: str, k: int, num_adapters: int) -
     raise ValueError(f"Unknown strategy/combination {strategy!r}/{combination!r}; choose from "
                      f"{STRATEGIES} and {COMBINATIONS}.")
   score = {"sentence": 1, "entropy": num_adapters}.get(strategy, 0)
-  if combination == "ensemble":
+  if combination == "ensemble" or k == 1:  # one adapter: averaging is ensembling
     return num_adapters if strategy == "entropy" else score + k
   return score + 1
 
