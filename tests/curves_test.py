@@ -1,6 +1,8 @@
 """curves.py against its definitions: the Bezier / PolyChain formulas, the bend's gradient,
 the barrier, bad input; and the runlocal smoke test of configs/curves.py."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,13 +147,14 @@ def test_curves_runlocal(tmp_path):
     assert r["best_accuracy"] >= max(r["end_accuracy"]) and r["min_accuracy"] <= r["mid_accuracy"]
 
 
-def test_curves_config_errors_are_named_before_any_work():
+def test_curves_config_errors_are_named_before_any_work(tmp_path):
   from configs import curves as curves_config
-  from experiments import curves as curves_exp
+  from experiments import main
   c = curves_config.get_config("runlocal")
   with c.unlocked():
     c.curve.kinds = ("bezier", "spline")
   with pytest.raises(ValueError, match="Unknown curve kind"):
-    curves_exp.validate(c)
+    main.run_experiment(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
   with pytest.raises(ValueError, match="Unknown arch"):
     curves_config.get_config("arch=vit")

@@ -2,6 +2,8 @@
 RTN determinism, BSR unbiasedness with 1/sqrt(n) error, members = independent BSR draws,
 full-precision leaves by path, memory, ambiguity, bad input."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,11 +139,12 @@ def test_low_precision_runlocal(tmp_path):
   assert abs(at8["RTN"]["accuracy"] - fp32["accuracy"]) < 0.03  # 8 bits: nearly lossless
 
 
-def test_low_precision_config_errors_are_named_before_any_work():
+def test_low_precision_config_errors_are_named_before_any_work(tmp_path):
   from configs import low_precision as lp_config
-  from experiments import low_precision as lp_exp
+  from experiments import main
   c = lp_config.get_config("runlocal")
   with c.unlocked():
     c.lpe.bits = (3, 12)
   with pytest.raises(ValueError, match=r"bits must be an integer in \[3, 8\], got 12"):
-    lp_exp.validate(c)
+    main.run_experiment(c, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
