@@ -45,9 +45,9 @@ def get_config(arg=None):
       finetune_lr=0.02,
       finetune_examples=20000,      # first N training examples per task (0: all)
       weight_decay=5e-4,
-      scales=(0.1, 0.2, 0.3, 0.5, 1.0),  # lambda grid of the summed task vectors (task
+      scales=(0.1, 0.15, 0.2, 0.3, 0.5, 1.0),  # lambda grid of the summed task vectors (task
                                     # arithmetic, DARE), picked on val
-      mean_scales=(0.2, 0.4, 0.6, 1.0, 1.5),  # lambda grid of TIES's disjoint mean (TIES,
+      mean_scales=(0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 1.5),  # lambda grid of TIES's disjoint mean (TIES,
                                     # DARE + TIES election), picked on val
       ties_density=0.2,             # TIES: fraction of each task vector kept (paper: 0.2)
       dare_density=0.3,             # DARE: keep probability (1 - drop rate)
