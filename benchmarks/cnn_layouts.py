@@ -68,6 +68,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import members_throughput  # noqa: E402  (benchmarks/: its FLOP count)
+
 from ensembling import losses  # noqa: E402
 from ensembling import members  # noqa: E402
 from ensembling import models  # noqa: E402
@@ -101,21 +104,8 @@ def xla_cpu_flags() -> list[str]:
 
 
 def analytic_flops_per_sample(stages) -> dict:
-  """Training FLOPs per sample of the CNN: 2 per MAC forward, and 2 per MAC per gradient.
-
-  Mirrors `members_throughput.analytic_flops_per_sample(arch="cnn")`: `with_input_grad`
-  counts 3 x forward (the PERF-NOTES convention); `exact` leaves out the unneeded
-  gradient w.r.t. the input image.
-  """
-  h, c, macs = IMAGE_SHAPE[0], IMAGE_SHAPE[-1], []
-  for f in stages:
-    for _ in range(2):
-      macs.append(h * h * 9 * c * f)
-      c = f
-    h //= 2
-  macs.append(h * h * c * NUM_CLASSES)
-  fwd = 2 * sum(macs)
-  return {"forward": fwd, "with_input_grad": 3 * fwd, "exact": 3 * fwd - 2 * macs[0]}
+  """Training FLOPs per sample of the CNN (members_throughput.py's count, arch "cnn")."""
+  return members_throughput.analytic_flops_per_sample("cnn", stages)
 
 
 def final_hw(stages) -> int:

@@ -12,7 +12,8 @@ second (K * batch * steps / seconds) for
 plus the machine's float32 matmul GFLOP/s (jitted 2048x2048 `jnp.dot`), FLOPs per
 training sample (analytic and XLA's cost analysis), arch, K, batch, versions, backend.
 
-Timing: every strategy is compiled and warmed up first; then `--windows` timed windows
+Every member-parallel step donates its state, as `train.fit`'s steps do (so does the
+loop's one-member step). Timing: every strategy is compiled and warmed up first; then `--windows` timed windows
 of `--steps` steps each, with the strategies interleaved (the order rotates every
 window) and `jax.block_until_ready` on the new state; the reported numbers are medians
 over windows. The CPU of the machine these numbers were taken on is shared, so only
@@ -37,6 +38,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -117,8 +119,8 @@ def main(argv=None):
   p.add_argument("--windows", type=int, default=5, help="timed windows per strategy")
   p.add_argument("--strategies", default="",
                  help="comma-separated strategies to time besides auto and the loop "
-                      "(default: every non-loop strategy; chunkedG = chunked with groups of G; 'map' only for mlp; "
-                      "'none': only auto and the loop)")
+                      "(default: every non-loop strategy; chunkedG = chunked with groups "
+                      "of G; 'map' only for mlp; 'none': only auto and the loop)")
   p.add_argument("--stages", default="32,64,128", help="cnn filters per stage")
   p.add_argument("--dropout", action="store_true", help="turn the model's dropout on")
   p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -148,18 +150,22 @@ def main(argv=None):
     if args.arch == "cnn":
       others.remove("map")  # minutes to compile, then ~4 samples/s (PERF-NOTES)
   def parse(name):  # "chunked4" -> ("chunked", 4); others -> (name, default chunk)
+    if name in ("loop", "stacked_loop"):  # members' 'loop' (stacked state), not the baseline
+      return "loop", members.DEFAULT_CHUNK
     if name.startswith("chunked") and name[len("chunked"):].isdigit():
       return "chunked", int(name[len("chunked"):])
     return name, members.DEFAULT_CHUNK
   for s in others:
     members.resolve_strategy(parse(s)[0], state0_K["params"])  # validates the name
-  names = ["auto"] + [s for s in others if s not in ("auto", auto)]  # auto timed once
+  label = "stacked_loop" if auto == "loop" else auto  # "loop" names the baseline below
+  others = ["stacked_loop" if s == "loop" else s for s in others]
+  names = ["auto"] + [s for s in others if s not in ("auto", label)]  # auto timed once
 
   runners, states, compile_s, memory = {}, {}, {}, {}
   for name in names:
     strategy, chunk = parse(auto if name == "auto" else name)
-    step = members.ensemble_step(model=model, tx=tx, num_members=k,
-                                 strategy=strategy, chunk_size=chunk)
+    step = members.ensemble_step(model=model, tx=tx, num_members=k,  # donated, as in
+                                 strategy=strategy, chunk_size=chunk, donate=True)  # fit
     state = jax.tree.map(jnp.copy, state0_K)
     t0 = time.perf_counter()
     state, _ = step(state, batch_K, keys_K)
@@ -249,7 +255,7 @@ def main(argv=None):
       "auto_strategy": auto,
       "parallel_member_samples_per_s": round(rate["auto"], 1),
       "loop_member_samples_per_s": round(rate["loop"], 1),
-      f"{auto}_member_samples_per_s": round(rate["auto"], 1),
+      f"{label}_member_samples_per_s": round(rate["auto"], 1),
       **{f"{n}_member_samples_per_s": round(rate[n], 1) for n in names if n != "auto"},
       "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items()},
       "parallel_over_loop": round(rate["auto"] / rate["loop"], 3),
@@ -272,6 +278,7 @@ def main(argv=None):
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "cpu_count": os.cpu_count(),
       "loadavg": [round(x, 2) for x in os.getloadavg()],
+      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "machine": platform.machine(),
   }
   if args.json:

@@ -46,7 +46,8 @@ from ensembling.models.contract import as_model
 PyTree = Any
 State = dict[str, Any]
 STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "chunked")
-DEFAULT_CHUNK = 8  # members per vmapped group of 'chunked' (and where 'auto' leaves vmap)
+DEFAULT_CHUNK = 8  # members per vmapped group of 'chunked'
+MAX_UNROLL = 16  # 'auto' unrolls at most this many convolutional members (then: 'loop')
 MEMBER_AXIS = "members"
 
 
@@ -157,26 +158,32 @@ def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
 
 
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
-  """Picks the member-parallel strategy; 'auto' depends on backend and model.
+  """Picks the member-parallel strategy; 'auto' depends on backend, model and K.
 
-  Measured on a 2-core CPU (benchmarks/README.md): vmap of dense layers beats a loop up
-  to about K=8 members and falls behind it beyond (0.83x at K=16: the K weight sets
-  leave the cache); vmapped convolutions become grouped convolutions that XLA:CPU runs
-  ~4x slower than K separate ones. So on one CPU device, models with convolutions get
-  'unroll' (K one-member steps traced into one jit, run one after the other: 1.25x the
-  loop at K=8), dense models get 'vmap' up to `DEFAULT_CHUNK` members and 'chunked'
-  (vmapped groups of `DEFAULT_CHUNK`, one after the other) beyond. On accelerators, and
-  with several devices (the member axis sharded), 'vmap' is the default.
+  Measured on a 2-core CPU with steps that donate their state, as `train.fit`'s do
+  (benchmarks/README.md, "K x strategy"): for dense models, one wide vmap is 1.14-1.19x
+  a loop of jitted one-member steps at K = 2..8 and 0.86-0.93x at K = 16..64, where
+  every strategy that splits the stacked state into groups inside one program
+  ('chunked', 'unroll', `lax.map` with a batch size) is slower still (0.66-0.71x); at
+  K = 1 vmap's batched matrix products cost 17% and the plain one-member program
+  ('unroll' of one member) is used. Vmapped convolutions become grouped convolutions
+  that XLA:CPU runs ~4x slower than K separate ones, so models with convolutions get
+  'unroll' (K one-member steps traced into one jit, run one after the other: 1.27-1.40x
+  the loop at K = 2..16) up to `MAX_UNROLL` members and 'loop' beyond (the unrolled
+  program keeps every member's temporaries, ~190 MB per thesis-CNN member at batch 128,
+  and fell to 0.96x the loop at K = 32). On accelerators, and with several devices (the
+  member axis sharded), 'vmap' is the default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
   if strategy != "auto":
     return strategy
   if jax.default_backend() == "cpu" and jax.device_count() == 1:
+    k = num_members_in(params_K)
     if has_convolutions(params_K):
+      return "unroll" if k <= MAX_UNROLL else "loop"
+    if k == 1:
       return "unroll"
-    if num_members_in(params_K) > DEFAULT_CHUNK:
-      return "chunked"
   return "vmap"
 
 

@@ -72,7 +72,7 @@ def test_every_strategy_matches_per_member_loop(arch):
   assert min(jax.tree.leaves(moved)) > 0
 
 
-def test_chunked_groups_match_per_member_loop_and_auto_chunks_many_dense_members():
+def test_chunked_groups_match_per_member_loop_and_auto_follows_the_measured_rule():
   model = models.MLP(widths=(8,), num_classes=3)
   rng = np.random.default_rng(1)
   k = 5  # chunk_size 2: groups of 2, 2 and 1
@@ -90,12 +90,17 @@ def test_chunked_groups_match_per_member_loop_and_auto_chunks_many_dense_members
     state, metrics = step(state, batch_K, members.step_keys(keys_K, t))
   chex.assert_trees_all_close(state, want_state, rtol=2e-4, atol=2e-5)
   chex.assert_trees_all_close(metrics, want_metrics, rtol=2e-4, atol=2e-5)
-  many = members.init_members(jax.random.key(0), model, batch_K["x"][0],
-                              members.DEFAULT_CHUNK + 1)["params"]
-  few = members.init_members(jax.random.key(0), model, batch_K["x"][0],
-                             members.DEFAULT_CHUNK)["params"]
-  assert members.resolve_strategy("auto", many) == "chunked"  # dense, one CPU device
-  assert members.resolve_strategy("auto", few) == "vmap"
+  # auto on one CPU device (the measured rule): dense models are vmapped at any K >= 2,
+  # one member runs its own program, convolutional models are unrolled.
+  for num, want in ((1, "unroll"), (2, "vmap"), (members.DEFAULT_CHUNK + 1, "vmap"), (64, "vmap")):
+    params = members.init_members(jax.random.key(0), model, batch_K["x"][0], num)["params"]
+    assert members.resolve_strategy("auto", params) == want, num
+  cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
+                             jnp.zeros((1, 4, 4, 1)), 2)["params"]
+  assert members.resolve_strategy("auto", cnn) == "unroll"
+  cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
+                             jnp.zeros((1, 4, 4, 1)), members.MAX_UNROLL + 1)["params"]
+  assert members.resolve_strategy("auto", cnn) == "loop"
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
