@@ -52,9 +52,7 @@ import glob
 import json
 import mmap
 import os
-import platform
 import re
-import resource
 import statistics
 import sys
 import time
@@ -372,30 +370,8 @@ def main(argv=None):
       jax.block_until_ready(states[name])
     return run
 
-  mm_a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  mm_f = jax.jit(jnp.dot)
-
-  def run_matmul(reps=5):
-    for _ in range(reps):
-      out = mm_f(mm_a, mm_a)
-    out.block_until_ready()
-
-  order = names + ["matmul"]
-  fns = {"matmul": run_matmul, **{n: make_run(n) for n in names}}
-  for n in order:  # one untimed warm-up window each
-    fns[n]()
-  times = {n: [] for n in order}
-  cpu_times = {n: [] for n in order}
-  for w in range(args.windows):
-    rot = order[w % len(order):] + order[: w % len(order)]
-    for n in rot:
-      c0, t0 = time.process_time(), time.perf_counter()
-      fns[n]()
-      times[n].append(time.perf_counter() - t0)
-      cpu_times[n].append(time.process_time() - c0)
-
-  mm_times = times.pop("matmul")
-  cpu_times.pop("matmul")
+  times, cpu_times, mm_times = members_throughput.time_interleaved(
+      {n: make_run(n) for n in names}, windows=args.windows)
   samples = {n: (g if n == grouped_name else 1) * b * steps for n in names}
   rate = {n: samples[n] / statistics.median(t) for n, t in times.items()}
   cpu_rate = {n: samples[n] / statistics.median(t) for n, t in cpu_times.items()}
@@ -433,20 +409,9 @@ def main(argv=None):
       "checks": checks,
       "xla_cpu_flags_available": [f for f in flags if FLAG_TOPICS.search(f)],
       "xla_cpu_flags_total": len(flags),
-      "jax": jax.__version__,
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "cpu_count": os.cpu_count(),
-      "loadavg": [round(v, 2) for v in os.getloadavg()],
-      "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-      "machine": platform.machine(),
+      **members_throughput.machine_info(),
   }
-  if args.json:
-    print(json.dumps(out))
-  else:
-    for k, v in out.items():
-      print(f"{k:28s} {v}")
+  members_throughput.print_result(out, as_json=args.json)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,37 @@ def program_bytes(compiled) -> int:
              - m.alias_size_in_bytes)
 
 
+def time_interleaved(fns: dict, *, windows: int):
+  """Times every `fns[name]()` in `windows` rounds, with a 5 x 2048^2 float32 matmul.
+
+  One untimed warm-up call each first; every round calls them all, the order rotating
+  by one each round. Returns ({name: wall seconds per round}, {name: CPU seconds per
+  round}, matmul wall seconds per round).
+  """
+  mm_a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+  mm_f = jax.jit(jnp.dot)
+
+  def run_matmul(reps=5):
+    for _ in range(reps):
+      out = mm_f(mm_a, mm_a)
+    out.block_until_ready()
+
+  fns = {**fns, "matmul": run_matmul}
+  order = list(fns)
+  for n in order:
+    fns[n]()
+  times = {n: [] for n in order}
+  cpu_times = {n: [] for n in order}
+  for w in range(windows):
+    for n in order[w % len(order):] + order[: w % len(order)]:
+      c0, t0 = time.process_time(), time.perf_counter()
+      fns[n]()
+      times[n].append(time.perf_counter() - t0)
+      cpu_times[n].append(time.process_time() - c0)
+  cpu_times.pop("matmul")
+  return times, cpu_times, times.pop("matmul")
+
+
 def analytic_flops_per_sample(arch: str, stages) -> dict:
   """Training FLOPs per sample: 2 per MAC forward, and 2 per MAC for each gradient.
 
@@ -208,31 +239,9 @@ def main(argv=None):
       jax.block_until_ready(states[name])
     return run
 
-  mm_a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-  mm_f = jax.jit(jnp.dot)
-
-  def run_matmul(reps=5):
-    for _ in range(reps):
-      out = mm_f(mm_a, mm_a)
-    out.block_until_ready()
-
-  order = ["loop"] + names + ["matmul"]
-  fns = {"loop": run_loop, "matmul": run_matmul, **{n: make_run(n) for n in names}}
-  for n in order:  # one untimed warm-up window each
-    fns[n]()
-  times = {n: [] for n in order}
-  cpu_times = {n: [] for n in order}
-  for w in range(args.windows):
-    rot = order[w % len(order):] + order[: w % len(order)]
-    for n in rot:
-      c0, t0 = time.process_time(), time.perf_counter()
-      fns[n]()
-      times[n].append(time.perf_counter() - t0)
-      cpu_times[n].append(time.process_time() - c0)
-
+  fns = {"loop": run_loop, **{n: make_run(n) for n in names}}
+  times, cpu_times, mm_times = time_interleaved(fns, windows=args.windows)
   samples = k * b * steps
-  mm_times = times.pop("matmul")
-  cpu_times.pop("matmul")
   # Member-samples per CPU-second of this process (all its threads): less sensitive
   # to other processes on a shared machine than wall-clock rates, but it counts
   # threads that spin while waiting.
@@ -272,6 +281,14 @@ def main(argv=None):
       "compile_s": {n: round(t, 1) for n, t in compile_s.items()},
       "window_s": {n: [round(t, 3) for t in ts] for n, ts in times.items()},
       "matmul_window_s": [round(t, 3) for t in mm_times],
+      **machine_info(),
+  }
+  print_result(out, as_json=args.json)
+
+
+def machine_info() -> dict:
+  """Versions, backend, flags, load and this process's peak RSS, for a benchmark's JSON."""
+  return {
       "jax": jax.__version__,
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
@@ -281,7 +298,11 @@ def main(argv=None):
       "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
       "machine": platform.machine(),
   }
-  if args.json:
+
+
+def print_result(out: dict, *, as_json: bool) -> None:
+  """One JSON line, or one `key value` line per entry."""
+  if as_json:
     print(json.dumps(out))
   else:
     for key, val in out.items():
