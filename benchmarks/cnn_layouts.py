@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
-import json
 import mmap
 import os
 import re
