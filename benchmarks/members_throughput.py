@@ -13,11 +13,10 @@ plus the machine's float32 matmul GFLOP/s (jitted 2048x2048 `jnp.dot`), FLOPs pe
 training sample (analytic and XLA's cost analysis), arch, K, batch, versions, backend.
 
 Every member-parallel step donates its state, as `train.fit`'s steps do (so does the
-loop's one-member step). Timing: every strategy is compiled and warmed up first; then `--windows` timed windows
-of `--steps` steps each, with the strategies interleaved (the order rotates every
-window) and `jax.block_until_ready` on the new state; the reported numbers are medians
-over windows. The CPU of the machine these numbers were taken on is shared, so only
-ratios taken within one run are meaningful.
+loop's one-member step). Timing: every strategy is compiled and warmed up first; then
+`--windows` timed windows of `--steps` steps each, with the strategies interleaved (the
+order rotates every window) and `jax.block_until_ready` on the new state; the reported
+numbers are medians over windows. Only ratios taken within one run are meaningful.
 
 Models: `mlp` = 784-512-512-10 ReLU; `cnn` = `models.CNN(batch_norm=False)` (the
 thesis conv stack 32,32 -> pool -> 64,64 -> pool -> 128,128 -> pool -> dense, ELU).

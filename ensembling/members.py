@@ -162,17 +162,18 @@ def resolve_strategy(strategy: str, params_K: PyTree) -> str:
 
   Measured on a 2-core CPU with steps that donate their state, as `train.fit`'s do
   (benchmarks/README.md, "K x strategy"): for dense models, one wide vmap is 1.14-1.19x
-  a loop of jitted one-member steps at K = 2..8 and 0.86-0.93x at K = 16..64, where
+  a loop of jitted one-member steps at K = 2..8 and 0.80-0.93x at K = 16..64, where
   every strategy that splits the stacked state into groups inside one program
-  ('chunked', 'unroll', `lax.map` with a batch size) is slower still (0.66-0.71x); at
+  ('chunked', 'unroll', `lax.map` with a batch size) is slower still (0.60-0.71x); at
   K = 1 vmap's batched matrix products cost 17% and the plain one-member program
   ('unroll' of one member) is used. Vmapped convolutions become grouped convolutions
-  that XLA:CPU runs ~4x slower than K separate ones, so models with convolutions get
-  'unroll' (K one-member steps traced into one jit, run one after the other: 1.27-1.40x
-  the loop at K = 2..16) up to `MAX_UNROLL` members and 'loop' beyond (the unrolled
-  program keeps every member's temporaries, ~190 MB per thesis-CNN member at batch 128,
-  and fell to 0.96x the loop at K = 32). On accelerators, and with several devices (the
-  member axis sharded), 'vmap' is the default.
+  that XLA:CPU runs ~3x slower than K separate ones (vmap 0.36-0.38x the loop), so
+  models with convolutions get 'unroll' (K one-member steps traced into one jit, run
+  one after the other: 1.25-1.40x the loop at K = 2..16) up to `MAX_UNROLL` members and
+  'loop' beyond (the unrolled program keeps every member's temporaries, ~190 MB per
+  thesis-CNN member at batch 128, and fell to 0.96x the loop at K = 32, where 'loop'
+  is 0.95-0.96x). On accelerators, and with several devices (the member axis sharded),
+  'vmap' is the default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO
 
-ENV = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2",
-           JAX_PLATFORMS="cpu")
+ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+           XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2")
 
 
 def _port():
