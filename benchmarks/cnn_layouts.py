@@ -231,15 +231,16 @@ def fold_inputs(x_G):
   return x_G.transpose(1, 2, 3, 0, 4).reshape(b, h, w, g * c)
 
 
-def compare(a, b) -> dict:
-  """Whether two trees are allclose (RTOL, ATOL), and their largest absolute difference."""
+def compare(a, b, loss, ref_loss) -> dict:
+  """Whether two trees and two losses are allclose (RTOL, ATOL); the trees' largest gap."""
   la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  loss_ok = bool(np.isclose(float(loss), float(ref_loss), rtol=RTOL, atol=ATOL))
   ok = len(la) == len(lb) and all(np.shape(u) == np.shape(v) for u, v in zip(la, lb))
   if not ok:
-    return {"pass": False, "max_abs_diff": None}
+    return {"pass": False, "max_abs_diff": None, "loss_pass": loss_ok}
   ok = all(np.allclose(u, v, rtol=RTOL, atol=ATOL) for u, v in zip(la, lb))
   diff = max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(la, lb))
-  return {"pass": bool(ok), "max_abs_diff": diff}
+  return {"pass": bool(ok) and loss_ok, "max_abs_diff": diff, "loss_pass": loss_ok}
 
 
 # --------------------------------------------------------------------------- main
@@ -334,16 +335,11 @@ def main(argv=None):
     checks["nhwc_f32_loss"] = ref_loss
     if "nchw_f32" in names:
       st, loss = one["nchw_f32"]
-      c = compare(nchw_to_nhwc(st["params"], stages), ref_state["params"])
-      c["loss_pass"] = bool(np.isclose(float(loss), ref_loss, rtol=RTOL, atol=ATOL))
-      c["pass"] = c["pass"] and c["loss_pass"]
-      checks["nchw_matches_nhwc"] = c
+      checks["nchw_matches_nhwc"] = compare(nchw_to_nhwc(st["params"], stages),
+                                            ref_state["params"], loss, ref_loss)
     if "flax_nhwc" in names:
       st, loss = one["flax_nhwc"]
-      c = compare(st["params"], ref_state["params"])
-      c["loss_pass"] = bool(np.isclose(float(loss), ref_loss, rtol=RTOL, atol=ATOL))
-      c["pass"] = c["pass"] and c["loss_pass"]
-      checks["lax_matches_flax"] = c
+      checks["lax_matches_flax"] = compare(st["params"], ref_state["params"], loss, ref_loss)
     if "nhwc_bf16" in names:
       loss = float(one["nhwc_bf16"][1])
       rel = abs(loss - ref_loss) / abs(ref_loss)
@@ -353,12 +349,9 @@ def main(argv=None):
       st, loss = one[grouped_name]
       singles = [call("nhwc_f32", lax_state(pk), (x_G[k], y_G[k]))
                  for k, pk in enumerate(params_list)]
-      c = compare([unfold_member(st["params"], k, g) for k in range(g)],
-                  [s["params"] for s, _ in singles])
-      total = sum(float(l) for _, l in singles)
-      c["loss_pass"] = bool(np.isclose(float(loss), total, rtol=RTOL, atol=ATOL))
-      c["pass"] = c["pass"] and c["loss_pass"]
-      checks["grouped_matches_members"] = c
+      checks["grouped_matches_members"] = compare(
+          [unfold_member(st["params"], k, g) for k in range(g)],
+          [s["params"] for s, _ in singles], loss, sum(float(l) for _, l in singles))
   checks["all_pass"] = all(c["pass"] for c in checks.values() if isinstance(c, dict))
   del one
 
