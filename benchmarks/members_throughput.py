@@ -111,14 +111,14 @@ def time_interleaved(fns: dict, *, windows: int):
   return times, cpu_times, times.pop("matmul")
 
 
-def analytic_flops_per_sample(arch: str, stages) -> dict:
+def analytic_flops_per_sample(arch: str, stages, widths=(512, 512)) -> dict:
   """Training FLOPs per sample: 2 per MAC forward, and 2 per MAC for each gradient.
 
   `with_input_grad` counts 3 x forward (the PERF-NOTES convention, which also counts
   the unneeded gradient w.r.t. the input image); `exact` leaves that out.
   """
   if arch == "mlp":
-    dims = [784, 512, 512, NUM_CLASSES]
+    dims = [784, *widths, NUM_CLASSES]
     macs = [a * b for a, b in zip(dims[:-1], dims[1:])]
   else:
     h, c, macs = 28, 1, []
@@ -132,9 +132,9 @@ def analytic_flops_per_sample(arch: str, stages) -> dict:
   return {"forward": fwd, "with_input_grad": 3 * fwd, "exact": 3 * fwd - 2 * macs[0]}
 
 
-def build(arch: str, stages, dropout: bool):
+def build(arch: str, stages, dropout: bool, widths=(512, 512)):
   if arch == "mlp":
-    return models.MLP(widths=(512, 512), num_classes=NUM_CLASSES)
+    return models.MLP(widths=tuple(widths), num_classes=NUM_CLASSES)
   return models.CNN(num_classes=NUM_CLASSES, stages=tuple(stages), batch_norm=False,
                     dropouts=(0.2, 0.3, 0.4)[: len(stages)] if dropout else (0.0,) * len(stages))
 
@@ -152,6 +152,7 @@ def main(argv=None):
                       "(default: every non-loop strategy; chunkedG = chunked with groups "
                       "of G; 'map' only for mlp; 'none': only auto and the loop)")
   p.add_argument("--stages", default="32,64,128", help="cnn filters per stage")
+  p.add_argument("--widths", default="512,512", help="mlp hidden widths")
   p.add_argument("--dropout", action="store_true", help="turn the model's dropout on")
   p.add_argument("--json", action="store_true", help="print one JSON line")
   args = p.parse_args(argv)
@@ -159,7 +160,8 @@ def main(argv=None):
   stages = [int(s) for s in args.stages.split(",")]
   k, b = args.members, args.batch
   steps = args.steps or (20 if args.arch == "mlp" else 1)
-  model = build(args.arch, stages, args.dropout)
+  widths = [int(w) for w in args.widths.split(",")]
+  model = build(args.arch, stages, args.dropout, widths)
   tx = optim.make_optimizer(name="sgd", learning_rate=0.01, momentum=0.9)
 
   rng = np.random.default_rng(0)
@@ -180,16 +182,15 @@ def main(argv=None):
     if args.arch == "cnn":
       others.remove("map")  # minutes to compile, then ~4 samples/s (PERF-NOTES)
   def parse(name):  # "chunked4" -> ("chunked", 4); others -> (name, default chunk)
-    if name in ("loop", "stacked_loop"):  # members' 'loop' (stacked state), not the baseline
-      return "loop", members.DEFAULT_CHUNK
     if name.startswith("chunked") and name[len("chunked"):].isdigit():
       return "chunked", int(name[len("chunked"):])
     return name, members.DEFAULT_CHUNK
   for s in others:
     members.resolve_strategy(parse(s)[0], state0_K["params"])  # validates the name
-  label = "stacked_loop" if auto == "loop" else auto  # "loop" names the baseline below
-  others = ["stacked_loop" if s == "loop" else s for s in others]
-  names = ["auto"] + [s for s in others if s not in ("auto", label)]  # auto timed once
+  # "loop" names the baseline below; the members' own 'loop' strategy, held as train.fit
+  # holds it, is K separately held states too (timed only as auto's choice).
+  names = ["auto"] + [s for s in others if s not in ("auto", auto, "loop")]  # auto once
+  label = "library_loop" if auto == "loop" else auto  # auto's rate under its own name
 
   runners, states, compile_s, memory = {}, {}, {}, {}
   for name in names:
@@ -198,12 +199,15 @@ def main(argv=None):
                                  strategy=strategy, chunk_size=chunk, donate=True)  # fit
     state = jax.tree.map(jnp.copy, state0_K)
     t0 = time.perf_counter()
-    state, _ = step(state, batch_K, keys_K)
+    # Held as train.fit holds it (`MemberStep.hold`: K separate states for 'loop').
+    state, _ = step.step_held(step.hold(state), batch_K, keys_K)
     jax.block_until_ready(state)
     compile_s[name] = time.perf_counter() - t0
     runners[name], states[name] = step, state
     if strategy != "loop":  # XLA's own account of the program's buffers
       memory[name] = program_bytes(step._compiled.lower(state, batch_K, keys_K).compile())
+    else:
+      memory[name] = None
 
   # The baseline: K separately held states, one jitted one-member step each.
   one = jax.jit(functools.partial(members.train_step, model=model, tx=tx),
@@ -232,9 +236,13 @@ def main(argv=None):
     jax.block_until_ready(loop_states)
 
   def make_run(name):
+    # The library's held 'loop' takes the members' own batches, as the baseline does.
+    args = ((loop_batches, loop_keys) if runners[name].strategy == "loop"
+            else (batch_K, keys_K))
+
     def run():
       for _ in range(steps):
-        states[name], _ = runners[name](states[name], batch_K, keys_K)
+        states[name], _ = runners[name].step_held(states[name], *args)
       jax.block_until_ready(states[name])
     return run
 
@@ -251,10 +259,11 @@ def main(argv=None):
   gflops = 5 * 2 * 2048 ** 3 / statistics.median(mm_times) / 1e9
   gflops_alone = matmul_gflops()
   ratio = statistics.median(tl / ta for tl, ta in zip(times["loop"], times["auto"]))
-  flops = analytic_flops_per_sample(args.arch, stages)
+  flops = analytic_flops_per_sample(args.arch, stages, widths)
   out = {
       "arch": args.arch,
       "stages": stages if args.arch == "cnn" else None,
+      "widths": widths if args.arch == "mlp" else None,
       "members": k,
       "batch": b,
       "steps_per_window": steps,
@@ -265,7 +274,7 @@ def main(argv=None):
       "loop_member_samples_per_s": round(rate["loop"], 1),
       f"{label}_member_samples_per_s": round(rate["auto"], 1),
       **{f"{n}_member_samples_per_s": round(rate[n], 1) for n in names if n != "auto"},
-      "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items()},
+      "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items() if v is not None},
       "parallel_over_loop": round(rate["auto"] / rate["loop"], 3),
       "parallel_over_loop_window_median": round(ratio, 3),
       "matmul_gflops": round(gflops, 1),

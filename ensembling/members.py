@@ -48,6 +48,7 @@ State = dict[str, Any]
 STRATEGIES = ("auto", "vmap", "unroll", "map", "loop", "chunked")
 DEFAULT_CHUNK = 8  # members per vmapped group of 'chunked'
 MAX_UNROLL = 16  # 'auto' unrolls at most this many convolutional members (then: 'loop')
+MAX_DENSE_VMAP = 8  # 'auto' vmaps at most this many dense members on one CPU (then: 'loop')
 MEMBER_AXIS = "members"
 
 
@@ -160,20 +161,22 @@ def has_convolutions(params: PyTree, *, stacked: bool = True) -> bool:
 def resolve_strategy(strategy: str, params_K: PyTree) -> str:
   """Picks the member-parallel strategy; 'auto' depends on backend, model and K.
 
-  Measured on a 2-core CPU with steps that donate their state, as `train.fit`'s do
-  (benchmarks/README.md, "K x strategy"): for dense models, one wide vmap is 1.14-1.19x
-  a loop of jitted one-member steps at K = 2..8 and 0.80-0.93x at K = 16..64, where
-  every strategy that splits the stacked state into groups inside one program
-  ('chunked', 'unroll', `lax.map` with a batch size) is slower still (0.60-0.71x); at
-  K = 1 vmap's batched matrix products cost 17% and the plain one-member program
-  ('unroll' of one member) is used. Vmapped convolutions become grouped convolutions
-  that XLA:CPU runs ~3x slower than K separate ones (vmap 0.36-0.38x the loop), so
-  models with convolutions get 'unroll' (K one-member steps traced into one jit, run
-  one after the other: 1.25-1.40x the loop at K = 2..16) up to `MAX_UNROLL` members and
-  'loop' beyond (the unrolled program keeps every member's temporaries, ~190 MB per
-  thesis-CNN member at batch 128, and fell to 0.96x the loop at K = 32, where 'loop'
-  is 0.95-0.96x). On accelerators, and with several devices (the member axis sharded),
-  'vmap' is the default.
+  Measured on a 2-core CPU with steps that donate their state, as `train.fit`'s do,
+  against a loop of jitted one-member steps over separately held states
+  (benchmarks/README.md, "K x strategy"). Dense models: one wide vmap is 1.14-1.19x the
+  loop at K = 2..8 but 0.80-0.93x at K = 16..64, where every strategy that splits the
+  stacked state into groups inside one program ('chunked', 'unroll', `lax.map`) is
+  slower still (0.60-0.71x), and vmap's batched matrix products cost 17% at K = 1; so
+  dense models get 'vmap' for 2 <= K <= `MAX_DENSE_VMAP` and 'loop' otherwise.
+  Vmapped convolutions become grouped convolutions that XLA:CPU runs ~3x slower than K
+  separate ones (vmap 0.36-0.38x the loop), so models with convolutions get 'unroll'
+  (K one-member steps traced into one jit, run one after the other: 1.25-1.40x the
+  loop at K = 2..16) up to `MAX_UNROLL` members and 'loop' beyond (the unrolled program
+  keeps every member's temporaries, ~190 MB per thesis-CNN member at batch 128, and
+  fell to 0.96x the loop at K = 32). 'loop' in a training loop that holds its state
+  (`MemberStep.hold`, as `train.fit` does) is that same loop of separately held states.
+  On accelerators, and with several devices (the member axis sharded), 'vmap' is the
+  default.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -183,8 +186,7 @@ def resolve_strategy(strategy: str, params_K: PyTree) -> str:
     k = num_members_in(params_K)
     if has_convolutions(params_K):
       return "unroll" if k <= MAX_UNROLL else "loop"
-    if k == 1:
-      return "unroll"
+    return "vmap" if 2 <= k <= MAX_DENSE_VMAP else "loop"
   return "vmap"
 
 
@@ -257,7 +259,7 @@ class MemberStep:
                chunk_size: int = DEFAULT_CHUNK):
     self._fn, self._requested = fn, strategy
     self._num_members, self._donate, self._chunk = num_members, donate, chunk_size
-    self._compiled = None
+    self._compiled = self._one = None
     self.strategy = None if strategy == "auto" else strategy
     if strategy not in STRATEGIES:
       raise ValueError(f"Unknown members_strategy {strategy!r}; choose one of {STRATEGIES}.")
@@ -275,6 +277,71 @@ class MemberStep:
   def __call__(self, state_K, batch_K, keys_K):
     self.resolve(state_K["params"])
     return self._compiled(state_K, batch_K, keys_K)
+
+  # A loop that owns its state between steps (as `train.fit` does) holds it in the form
+  # the strategy runs fastest on: for 'loop', K separate one-member states, so that no
+  # step pays for slicing the stacked state and stacking it again (that cost put the
+  # stacked 'loop' at 0.95x a loop of separately held states for 32 CNN members);
+  # every other strategy holds the stacked state as is.
+
+  def hold(self, state_K) -> Any:
+    """The held form of `state_K` that `step_held` advances (resolves 'auto').
+
+    Always new arrays, so a donating step never invalidates `state_K`.
+    """
+    if self.resolve(state_K["params"]) != "loop":
+      return jax.tree.map(jnp.copy, state_K)
+    if self._one is None:
+      self._one = jax.jit(self._fn, donate_argnums=(0,) if self._donate else ())
+    return split_members(state_K, self._num_members)
+
+  def release(self, held) -> Any:
+    """The stacked state of a held form (new arrays; `held` stays valid)."""
+    return _stack(held) if isinstance(held, list) else held
+
+  def step_held(self, held, batch_K, keys_K):
+    """One step on the held form: `(held, batch_K, keys_K) -> (held, metrics_K)`.
+
+    `batch_K` and `keys_K` may be stacked or (for 'loop') lists of K per-member values;
+    stacked NumPy batches are split into views, so each member's batch goes to the
+    device on its own. With `donate=True` the held arrays passed in are reused.
+    """
+    if not isinstance(held, list):
+      return self(held, batch_K, keys_K)
+    k = len(held)
+    outs = [self._one(s, b, key) for s, b, key in
+            zip(held, split_members(batch_K, k), split_members(keys_K, k))]
+    return [o[0] for o in outs], _stack([o[1] for o in outs])
+
+
+def split_members(tree: PyTree, num_members: int) -> list[PyTree]:
+  """A stacked tree as a list of `num_members` one-member trees (a list: as is).
+
+  NumPy leaves become views; device arrays are sliced by one jitted call.
+  """
+  if isinstance(tree, list):
+    if len(tree) != num_members:
+      raise ValueError(f"Got a list of {len(tree)} per-member values for {num_members} "
+                       "members.")
+    return tree
+  leaves = jax.tree.leaves(tree)
+  for x in leaves:
+    if np.ndim(x) == 0 or np.shape(x)[0] != num_members:
+      raise ValueError(f"A stacked value of shape {np.shape(x)} has no leading axis of "
+                       f"{num_members} members.")
+  if all(isinstance(x, np.ndarray) for x in leaves):
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_members)]
+  return _unstack(tree, num_members)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack(tree, num_members):
+  return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_members)]
+
+
+@jax.jit
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
 def ensemble_step(*, model, tx: optax.GradientTransformation, num_members: int,

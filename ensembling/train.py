@@ -239,6 +239,17 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
       os.remove(metrics_path)
   if k is not None:
     state = members.shard_members(state)
+  # A member step may hold the state in its own form between steps (`MemberStep.hold`:
+  # K separate states for the 'loop' strategy); the stacked state is rebuilt only when
+  # something reads it (an eval, `on_step`, a checkpoint, the end).
+  holds = k is not None and hasattr(step_fn, "step_held")
+  held, stacked = (step_fn.hold(state), state) if holds else (state, state)
+
+  def current():
+    nonlocal stacked
+    if stacked is None:
+      stacked = step_fn.release(held)
+    return stacked
 
   initial_loss = None  # the loss of the very first step (before any update), per member
 
@@ -266,6 +277,7 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
 
   def evaluate(done, train_m):
     nonlocal best
+    state = current()
     eval_m = dict(eval_fn(state)) if eval_fn else {}
     recs = record(done, train_m, eval_m)
     if best_by:
@@ -283,22 +295,26 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   try:
     for step in range(start, num_steps):
       batch = batch_fn(step)
-      if k is not None:
-        batch = members.shard_members(batch)
       keys_t = key_of(step)
-      if k is not None:
+      if k is not None and not (holds and isinstance(held, list)):
+        batch = members.shard_members(batch)  # a held list takes its members' own batches
         keys_t = members.shard_members(keys_t)
-      state, m = step_fn(state, batch, keys_t)
+      if holds:
+        held, m = step_fn.step_held(held, batch, keys_t)
+        stacked = None
+      else:
+        held, m = step_fn(held, batch, keys_t)
+        stacked = held
       m = distributed.to_host(m)
       loss = np.asarray(m["loss"])
       if not np.isfinite(loss).all():
-        raise _non_finite(loss, batch, step, k, schedule, state, restored_from)
+        raise _non_finite(loss, batch, step, k, schedule, current(), restored_from)
       if step == 0:
         initial_loss = loss
       window = {"sum": jax.tree.map(lambda a, b: a + np.asarray(b, np.float32), window["sum"], m),
                 "count": window["count"] + 1}
       if on_step is not None:
-        extra = on_step(step, state, extra)
+        extra = on_step(step, current(), extra)
       done = step + 1
       bar.update(1)
       is_last = done == num_steps
@@ -315,15 +331,15 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
           log.info("%s: step %d/%d %s", desc, done, num_steps,
                    " ".join(f"{n}={v}" for n, v in post.items()))
       if mgr and ((checkpoint_every and done % checkpoint_every == 0) or is_last):
-        checkpoint.save(mgr, done, {"state": state, "extra": extra, "window": window})
+        checkpoint.save(mgr, done, {"state": current(), "extra": extra, "window": window})
   finally:
     bar.close()
     if mgr is not None:
       mgr.close()
   log.info("%s: %d steps in %.1fs", desc, max(num_steps - start, 0), time.time() - t0)
   if best_by and best is not None:
-    state = best[1]
-  return state, extra, history
+    return best[1], extra, history
+  return current(), extra, history
 
 
 def divergence_warnings(history: list[dict], *, num_classes: int, num_examples: int,

@@ -90,9 +90,10 @@ def test_chunked_groups_match_per_member_loop_and_auto_follows_the_measured_rule
     state, metrics = step(state, batch_K, members.step_keys(keys_K, t))
   chex.assert_trees_all_close(state, want_state, rtol=2e-4, atol=2e-5)
   chex.assert_trees_all_close(metrics, want_metrics, rtol=2e-4, atol=2e-5)
-  # auto on one CPU device (the measured rule): dense models are vmapped at any K >= 2,
-  # one member runs its own program, convolutional models are unrolled.
-  for num, want in ((1, "unroll"), (2, "vmap"), (members.DEFAULT_CHUNK + 1, "vmap"), (64, "vmap")):
+  # auto on one CPU device (the measured rule): dense models are vmapped at 2..8 members
+  # and looped otherwise, convolutional models are unrolled up to 16 members.
+  for num, want in ((1, "loop"), (2, "vmap"), (members.MAX_DENSE_VMAP, "vmap"),
+                    (members.MAX_DENSE_VMAP + 1, "loop"), (64, "loop")):
     params = members.init_members(jax.random.key(0), model, batch_K["x"][0], num)["params"]
     assert members.resolve_strategy("auto", params) == want, num
   cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
@@ -101,6 +102,61 @@ def test_chunked_groups_match_per_member_loop_and_auto_follows_the_measured_rule
   cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
                              jnp.zeros((1, 4, 4, 1)), members.MAX_UNROLL + 1)["params"]
   assert members.resolve_strategy("auto", cnn) == "loop"
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_held_steps_match_per_member_loop_and_release_restacks(strategy):
+  """`hold`/`step_held` (what train.fit runs): K separate states for 'loop', the
+  stacked state otherwise; same values as each member stepped alone."""
+  model, tx, state_K, batch_K, keys_K = _setup("cnn")
+  want_state, want_metrics = _reference(model, tx, state_K, batch_K, keys_K, 2)
+  step = members.ensemble_step(model=model, tx=tx, num_members=K, strategy=strategy,
+                               donate=True)
+  held = step.hold(state_K)
+  assert isinstance(held, list) == (strategy == "loop")
+  if strategy == "loop":
+    assert len(held) == K
+    chex.assert_trees_all_equal(held[1], tree_lib.index(state_K, 1))
+  for t in range(2):
+    held, metrics = step.step_held(held, batch_K, members.step_keys(keys_K, t))
+  got = step.release(held)
+  chex.assert_trees_all_close(got, want_state, rtol=2e-4, atol=2e-5)
+  chex.assert_trees_all_close(metrics, want_metrics, rtol=2e-4, atol=2e-5)
+  jax.tree.map(np.asarray, state_K)  # raises if deleted: holding copies, the input survives
+  chex.assert_trees_all_equal(step.release(held), got)  # releasing twice: same, still alive
+
+
+def test_fit_with_held_loop_equals_vmap_and_resumes(tmp_path):
+  """train.fit holds 'loop' members unstacked: the result, the records, the checkpoint
+  and a resumed run equal the stacked 'vmap' run."""
+  model, tx, state_K, batch_K, _ = _setup("mlp")
+  evals = lambda s: {"norm": jnp.stack([jnp.sum(jnp.abs(s["params"]["Dense_0"]["kernel"][k]))
+                                        for k in range(K)])}
+  seen = []
+  def on_step(t, s, extra):
+    seen.append(float(s["params"]["Dense_0"]["kernel"][0, 0, 0]))
+    return extra
+  runs = {}
+  for strategy in ("vmap", "loop"):
+    step = members.ensemble_step(model=model, tx=tx, num_members=K, strategy=strategy,
+                                 donate=True)
+    runs[strategy] = train.fit(state_K, step_fn=step, batch_fn=lambda t: batch_K,
+                               num_steps=4, key=jax.random.key(3), eval_fn=evals,
+                               eval_every=2, on_step=on_step, progress=False)
+  (sv, _, hv), (sl, _, hl) = runs["vmap"], runs["loop"]
+  chex.assert_trees_all_close(sl, sv, rtol=2e-4, atol=2e-5)
+  assert [r["step"] for r in hl] == [r["step"] for r in hv] == [2, 2, 4, 4]
+  np.testing.assert_allclose([r["val_norm"] for r in hl], [r["val_norm"] for r in hv],
+                             rtol=1e-5)
+  np.testing.assert_allclose(seen[4:], seen[:4], rtol=1e-5)  # on_step saw the same states
+  # Interrupted after 2 steps (checkpoint), then resumed to 4: equals the 4-step run.
+  step = members.ensemble_step(model=model, tx=tx, num_members=K, strategy="loop",
+                               donate=True)
+  kw = dict(step_fn=step, batch_fn=lambda t: batch_K, key=jax.random.key(3),
+            workdir=str(tmp_path), progress=False, on_step=on_step)
+  train.fit(state_K, num_steps=2, **kw)
+  resumed, _, _ = train.fit(state_K, num_steps=4, **kw)
+  chex.assert_trees_all_equal(resumed, sl)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
