@@ -52,7 +52,8 @@ def table(rows: list[dict]) -> str:
     cells += [f"{rate[n]:,.0f}" if rate[n] else "-" for n in names]
     cells += [f"{rate[n] / loop:.2f}" if rate[n] else "-" for n in names]
     cells += [f"{r['parallel_over_loop_window_median']:.2f}",
-              ", ".join(str(mem.get("auto" if n == r["auto_strategy"] else n, "-"))
+              ", ".join(str(mem.get("auto" if n in (r["auto_strategy"], "library_loop") else n,
+                                    "-"))
                         for n in ["loop"] + names),
               str(r.get("peak_rss_mib", "-")), f"{r['matmul_gflops']:.0f}",
               f"{r['loadavg'][0]:.1f}"]

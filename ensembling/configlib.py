@@ -202,12 +202,13 @@ def fit_kwargs(config, *, eval_data=None, eval_split: str = "val") -> dict:
 
 def train_members_from_config(config, splits: data.Splits, workdir: str | None, *,
                               desc: str = "members", eval_every_epoch: bool = True,
-                              model=None):
+                              model=None, init_variables=None):
   """The deep ensemble `config` describes: (model, `train.TrainResult`).
 
-  K = `config.members` members of `config.model` (or `model`), `config.optim` with its
-  schedule over `config.epochs`, per-member `optim.lr_scale` / `optim.weight_decay`
-  lists, validation metrics every epoch (`eval_every_epoch`).
+  K = `config.members` members of `config.model` (or `model`, starting from the stacked
+  `init_variables` if given), `config.optim` with its schedule over `config.epochs`,
+  per-member `optim.lr_scale` / `optim.weight_decay` lists, validation metrics every
+  epoch (`eval_every_epoch`).
   """
   model = model or model_from_config(config.model, num_classes=splits.num_classes)
   spe = data.num_steps_per_epoch(len(splits.x_train), int(config.batch_size))
@@ -218,7 +219,7 @@ def train_members_from_config(config, splits: data.Splits, workdir: str | None, 
       epochs=int(config.epochs), batch_size=int(config.batch_size), seed=int(config.seed),
       lr_scale=_plain(config.optim.get("lr_scale", 1.0)),
       weight_decay=_plain(config.optim.get("weight_decay", 0.0)), workdir=workdir,
-      desc=desc, schedule=schedule,
+      desc=desc, schedule=schedule, init_variables=init_variables,
       **fit_kwargs(config, eval_data=(splits.x_val, splits.y_val) if eval_every_epoch else None))
   return model, res
 

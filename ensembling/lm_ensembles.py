@@ -42,12 +42,13 @@ import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import metrics, supernet, train
+from ensembling import members, metrics, supernet, train
 from ensembling.models import bert
 from ensembling.models.linear import apply_linear, init_linear
 
@@ -87,6 +88,41 @@ def truncate(params: Mapping[str, Any], cfg: bert.BertConfig, num_layers: int
   dropped = {f"layer_{i}" for i in range(num_layers, cfg.num_layers)}
   return ({k: v for k, v in params.items() if k not in dropped},
           dataclasses.replace(cfg, num_layers=num_layers))
+
+
+def finetune_init(key: jax.Array, params: Mapping[str, Any], cfg: bert.BertConfig, *,
+                  num_layers: int, num_members: int, num_classes: int,
+                  pooling: str = "mean") -> tuple[bert.Bert, dict]:
+  """K classifiers that fine-tune a pretrained encoder's first `num_layers` layers.
+
+  Every member starts from the same truncated encoder (`truncate`), copied onto the
+  member axis, with its own randomly initialised linear head on the pooled features
+  (member k from `split(key, K)[k]`, as `members.init_members` does); train them with
+  `train.train_members(model, ids, labels, init_variables=variables_K, ...)`, which runs
+  the members of one depth on the member axis, and read their probabilities and pooled
+  embeddings with `members.predict(model, state, ids, with_features=True)`.
+
+  Args:
+    key: PRNG key of the heads.
+    params: pretrained `Bert` params (no "params" key); a "head" in them is replaced.
+    cfg: their architecture.
+    num_layers: L, the layers kept (`truncate`).
+    num_members: K.
+    num_classes: C, the heads' outputs.
+    pooling: "mean" or "cls" (`bert.Bert`).
+
+  Returns:
+    (`bert.Bert(cfg_L, pooling=pooling, num_classes=C)`, {"params": stacked (K, ...)}).
+  """
+  if isinstance(num_classes, bool) or int(num_classes) < 2:
+    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+  k = members.check_num_members(num_members)
+  enc, cfg_l = truncate({n: v for n, v in params.items() if n != "head"}, cfg, num_layers)
+  model = bert.Bert(cfg_l, pooling=pooling, num_classes=int(num_classes))
+  heads = members.init_members(key, nn.Dense(int(num_classes)),
+                               jnp.zeros((1, cfg.hidden_size)), k)["params"]
+  stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (k,) + np.shape(x)), enc)
+  return model, {"params": {**stacked, "head": heads}}
 
 
 def pair_features(u_NxD, v_NxD) -> np.ndarray:
@@ -419,6 +455,27 @@ def mlp_flops(in_dim: int, widths: Sequence[int], *, num_classes: int) -> float:
 
 
 # --------------------------------------------------------------------------- all three
+
+def ensemble_gflops(member_gflops: Sequence[tuple[float, float]], *, feature_dim: int,
+                    num_classes: int, gate_hidden: int) -> dict[str, dict[str, float]]:
+  """GFLOPs per example of each of `METHODS` over members of (encoder, head) GFLOPs.
+
+  "own encoders": every member runs its own encoder; "shared trunk": the members are
+  truncations of one encoder, so the deepest encoder runs once and every head reads its
+  own layer. Semi adds its softmax layer over the K concatenated `feature_dim`-wide
+  embeddings, Deep its gate (`gate_hidden` units, K outputs).
+  """
+  if not member_gflops:
+    raise ValueError("ensemble_gflops needs at least one member.")
+  k = len(member_gflops)
+  own = sum(e + h for e, h in member_gflops)
+  shared = max(e for e, _ in member_gflops) + sum(h for _, h in member_gflops)
+  extra = {"semi": 2 * k * feature_dim * num_classes / 1e9,
+           "deep": mlp_flops(k * feature_dim, (int(gate_hidden),), num_classes=k) / 1e9}
+  return {m: {"GFLOPs (own encoders)": own + extra.get(m, 0.0),
+              "GFLOPs (shared trunk)": shared + extra.get(m, 0.0)} for m in METHODS}
+
+
 
 METHODS = ("shallow_mean", "shallow_vote", "semi", "deep")
 

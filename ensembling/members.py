@@ -184,9 +184,11 @@ def resolve_strategy(strategy: str, params_K: PyTree) -> str:
     return strategy
   if jax.default_backend() == "cpu" and jax.device_count() == 1:
     k = num_members_in(params_K)
+    if k <= 1:
+      return "loop"
     if has_convolutions(params_K):
       return "unroll" if k <= MAX_UNROLL else "loop"
-    return "vmap" if 2 <= k <= MAX_DENSE_VMAP else "loop"
+    return "vmap" if k <= MAX_DENSE_VMAP else "loop"
   return "vmap"
 
 

@@ -20,45 +20,47 @@ from ensembling.models import bert
 
 def _splits(config):
   """{split: (texts_N or (a_N, b_N), labels_N)} for train / stack / test, and C."""
-  rng = np.random.default_rng(int(config.seed))
   lim = config.limits
-  take = lambda n, limit: rng.permutation(n)[:int(limit) or n]
+  kw = dict(seed=int(config.seed), train=lim.train, stack=lim.stack, test=lim.test)
   if config.task == "newsgroups":
-    arc = newsgroups.read_archive(os.path.join(config.data_dir, "20newsgroups"))
-    names = sorted(set(arc["train"][1]))
-    pick = lambda split, idx: ([arc[split][0][i] for i in idx],
-                               np.array([names.index(arc[split][1][i]) for i in idx]))
-    idx = rng.permutation(len(arc["train"][0]))
-    n_train = int(lim.train) or len(idx) - int(lim.stack or 1000)
-    stack = idx[n_train:n_train + (int(lim.stack) or 1000)]
-    test = take(len(arc["test"][0]), lim.test)
-    return {"train": pick("train", idx[:n_train]), "stack": pick("train", stack),
-            "test": pick("test", test)}, len(names)
-  out = {}
-  for name, split, limit in (("train", "train", lim.train), ("stack", "trial", lim.stack),
-                             ("test", "test", lim.test)):
-    p = sick.read_sick_entailment(split, root=config.data_dir)
-    idx = take(len(p), limit)
-    out[name] = (([p.sentences_a[i] for i in idx], [p.sentences_b[i] for i in idx]),
-                 p.labels[idx])
-  return out, len(sick.LABELS)
+    splits, names = newsgroups.topic_splits(config.data_dir, **kw)
+    return splits, len(names)
+  return sick.entailment_splits(config.data_dir, **kw), len(sick.LABELS)
 
 
-def _features(config, splits, workdir):
-  """{depth: {split: (N, F)}}, token lengths (N, texts per example) per split, and cfg."""
-  enc, depths = config.encoder, tuple(int(d) for d in config.encoder.depths)
-  path = os.path.join(workdir, "features.npz")
-  texts = lambda x: list(x) if config.task == "newsgroups" else list(x[0]) + list(x[1])
+def _texts(config, x):
+  return list(x) if config.task == "newsgroups" else list(x[0]) + list(x[1])
+
+
+def _encoder(config, splits, workdir):
+  """The pretrained encoder's folder (a tiny random BERT for `tiny_random`), cfg, tokenizer."""
+  enc = config.encoder
   folder = bert.resolve_model_path(enc.path) if enc.path != "tiny_random" else \
       os.path.join(workdir, "tiny_bert")
   if enc.path == "tiny_random" and not os.path.exists(folder):
-    bert.write_random_bert(folder, bert.most_common_words(texts(splits["train"][0]), 400),
-                           num_layers=max(depths), seed=int(config.seed))
-  cfg, tok = bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
+    bert.write_random_bert(folder, bert.most_common_words(_texts(config, splits["train"][0]),
+                                                          400),
+                           num_layers=max(enc.depths), seed=int(config.seed))
+  return folder, bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
+
+
+def _ids(config, splits, tok, cfg):
+  """Token ids per split (SICK: the pair as one cross-encoder input) and their lengths."""
+  m = int(config.encoder.max_length)
+  ids = {s: bert.tokenize(tok, x, max_length=m) if config.task == "newsgroups" else
+         bert.tokenize(tok, x[0], max_length=m, pairs_with=x[1]) for s, (x, _) in splits.items()}
+  return ids, {s: (v != cfg.pad_token_id).sum(1)[:, None] for s, v in ids.items()}
+
+
+def _features(config, splits, workdir, folder, cfg, tok):
+  """{depth: {split: (N, F)}} of the frozen encoder and token lengths (N, texts) per split."""
+  enc, depths = config.encoder, tuple(int(d) for d in config.encoder.depths)
+  path = os.path.join(workdir, "features.npz")
+  texts = lambda x: _texts(config, x)
   if os.path.exists(path):
     saved = np.load(path)
     return ({d: {s: saved[f"{d}_{s}"] for s in splits} for d in depths},
-            {s: saved[f"len_{s}"] for s in splits}, cfg)
+            {s: saved[f"len_{s}"] for s in splits})
   params = bert.load_pretrained_params(folder, cfg)["params"]
   unique = sorted({t for x, _ in splits.values() for t in texts(x)})
   row = {t: i for i, t in enumerate(unique)}
@@ -75,41 +77,57 @@ def _features(config, splits, workdir):
       feats[d][s] = e[0] if len(e) == 1 else lm_ensembles.pair_features(*e)
   np.savez(path, **{f"{d}_{s}": v for d, fs in feats.items() for s, v in fs.items()},
            **{f"len_{s}": v for s, v in lens.items()})
-  return feats, lens, cfg
+  return feats, lens
 
 
-def _gflops(config, cfg, lens_NxP, depth, in_dim, num_classes):
+def _gflops(cfg, lens_NxP, depth, in_dim, widths, num_classes):
   enc = np.mean([sum(lm_ensembles.encoder_flops(cfg, num_layers=depth, seq_len=l) for l in r)
                  for r in lens_NxP])
-  head = lm_ensembles.mlp_flops(in_dim, tuple(config.model.widths), num_classes=num_classes)
-  return enc / 1e9, head / 1e9
+  return enc / 1e9, lm_ensembles.mlp_flops(in_dim, widths, num_classes=num_classes) / 1e9
 
 
 def run(config, workdir: str):
   splits, num_classes = _splits(config)
-  feats, lens, cfg = _features(config, splits, workdir)
+  folder, cfg, tok = _encoder(config, splits, workdir)
+  tuned = bool(config.finetune.enabled)  # fine-tuned encoders, or heads on frozen features
+  feats, lens = (_ids(config, splits, tok, cfg) if tuned else
+                 _features(config, splits, workdir, folder, cfg, tok))
+  if tuned:  # every depth reads the same ids; the members' schedule is config.finetune's
+    pretrained = bert.load_pretrained_params(folder, cfg)["params"]
+    feats = {int(d): feats for d in config.encoder.depths}
+    ft = config.copy_and_resolve_references()
+    ft.epochs, ft.batch_size = config.finetune.epochs, config.finetune.batch_size
+    ft.optim.learning_rate = config.finetune.learning_rate
   labels = {s: y for s, (_, y) in splits.items()}
   outs, cost = {}, {}
   for d, f in feats.items():
     sp = data.Splits(f["train"], labels["train"], f["stack"], labels["stack"], f["test"],
                      labels["test"], num_classes, name=f"L{d}")
-    model, res = configlib.train_members_from_config(
-        config, sp, os.path.join(workdir, f"L{d}"), desc=f"L{d} members",
-        model=configlib.model_from_config(config.model, num_classes=num_classes))
+    if tuned:
+      model, v = lm_ensembles.finetune_init(jax.random.key(int(config.seed) + d), pretrained,
+                                            cfg, num_layers=d, num_classes=num_classes,
+                                            num_members=int(config.members))
+      model, res = configlib.train_members_from_config(
+          ft, sp, os.path.join(workdir, f"L{d}"), desc=f"L{d} fine-tuned", model=model,
+          init_variables=v)
+    else:
+      model, res = configlib.train_members_from_config(
+          config, sp, os.path.join(workdir, f"L{d}"), desc=f"L{d} members",
+          model=configlib.model_from_config(config.model, num_classes=num_classes))
     for s in ("stack", "test"):
       logits, emb = members.predict(model, res.state, f[s], with_features=True)
       for k in range(int(config.members)):
         outs.setdefault(f"{d}.{k}", {})[s] = (np.asarray(jax.nn.softmax(logits[k], -1),
                                                          np.float64), emb[k])
+    head = ((cfg.hidden_size, ()) if tuned else (f["train"].shape[1], tuple(config.model.widths)))
     for k in range(int(config.members)):
-      cost[f"{d}.{k}"] = (d, *_gflops(config, cfg, lens["test"], d, f["train"].shape[1],
-                                      num_classes))
+      cost[f"{d}.{k}"] = (d, *_gflops(cfg, lens["test"], d, *head, num_classes))
   rows, cb = {}, config.combine
   for name, o in outs.items():
     rows[f"L{name.replace('.', '#')}"] = {
         **lm_ensembles.scores(o["test"][0], labels["test"]), "depth": cost[name][0],
         "GFLOPs (own encoders)": sum(cost[name][1:]), "GFLOPs (shared trunk)": sum(cost[name][1:])}
-  width = int(config.model.widths[-1])
+  width = cfg.hidden_size if tuned else int(config.model.widths[-1])
   for g, spec in config.groups.items():
     names = spec.split()
     if any(n not in outs for n in names):
@@ -122,15 +140,10 @@ def run(config, workdir: str):
         gate_tx=optax.adam(cb.gate_lr), gate_steps=int(cb.gate_steps),
         batch_size=int(cb.batch_size), gate_hidden=int(cb.gate_hidden),
         entropy=float(cb.entropy), seed=int(config.seed))
-    own = sum(sum(cost[n][1:]) for n in names)
-    shared = max(cost[n][1] for n in names) + sum(cost[n][2] for n in names)
-    extra = {"semi": 2 * len(names) * width * num_classes / 1e9,
-             "deep": lm_ensembles.mlp_flops(len(names) * width, (int(cb.gate_hidden),),
-                                            num_classes=len(names)) / 1e9}
+    gf = lm_ensembles.ensemble_gflops([cost[n][1:] for n in names], feature_dim=width,
+                                      num_classes=num_classes, gate_hidden=int(cb.gate_hidden))
     for m in lm_ensembles.METHODS:
-      rows[f"{g} {m}"] = {**res[m], "depth": max(cost[n][0] for n in names),
-                          "GFLOPs (own encoders)": own + extra.get(m, 0.0),
-                          "GFLOPs (shared trunk)": shared + extra.get(m, 0.0)}
+      rows[f"{g} {m}"] = {**res[m], "depth": max(cost[n][0] for n in names), **gf[m]}
     rows[f"{g} deep"]["gate_weights"] = res["gate_weights"]
   cols = ("accuracy", "macro_f1", "nll", "ece", "GFLOPs (own encoders)", "GFLOPs (shared trunk)")
   base = rows[f"L{config.baseline.replace('.', '#')}"]

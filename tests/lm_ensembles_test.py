@@ -40,6 +40,54 @@ def test_truncate_equals_the_full_encoders_states_after_l_layers():
     lme.truncate({"embeddings": {}}, cfg, 1)
 
 
+def test_finetune_members_start_from_the_encoder_and_train_on_the_member_axis():
+  """finetune_init: K copies of the truncated encoder with their own heads; trained
+  together (vmap on the member axis) they equal each member trained alone."""
+  from ensembling import members, optim, train
+  cfg = bert.BertConfig(vocab_size=30, hidden_size=16, num_layers=3, num_heads=2,
+                        intermediate_size=32, max_position_embeddings=16)
+  params = bert.Bert(cfg).init(jax.random.key(0), jnp.ones((1, 4), jnp.int32),
+                               train=False)["params"]
+  rng = np.random.default_rng(0)
+  ids = rng.integers(5, 30, (12, 6)).astype(np.int32)
+  ids[:, 0], ids[::3, 4:] = 2, 0  # [CLS] first, some padding
+  labels = rng.integers(0, 3, 12)
+  model, v = lme.finetune_init(jax.random.key(1), params, cfg, num_layers=2, num_members=3,
+                               num_classes=3)
+  assert model.cfg.num_layers == 2 and sorted(v["params"]) == [
+      "embeddings", "head", "layer_0", "layer_1"]
+  enc, cfg2 = lme.truncate(params, cfg, 2)
+  for k in range(3):
+    chex.assert_trees_all_equal(jax.tree.map(lambda x: x[k], {n: v["params"][n] for n in enc}),
+                                enc)
+  heads = np.asarray(v["params"]["head"]["kernel"])
+  assert heads.shape == (3, 16, 3) and not np.allclose(heads[0], heads[1])
+  # A member's logits are its head on the truncated encoder's pooled features.
+  feats = bert.Bert(cfg2).apply({"params": enc}, ids, train=False).features
+  logits, emb = members.predict(model, v, ids, with_features=True)
+  np.testing.assert_allclose(emb[1], feats, atol=1e-5)
+  np.testing.assert_allclose(
+      logits[1], feats @ heads[1] + np.asarray(v["params"]["head"]["bias"][1]), atol=1e-5)
+  # SGD: Adam would turn float noise into full-size steps on leaves whose true gradient
+  # is 0 (the attention key bias: softmax ignores a constant shift).
+  tx = optim.make_optimizer(name="sgd", learning_rate=0.1, momentum=0.9)
+  kw = dict(tx=tx, epochs=1, batch_size=4, seed=0, progress=False)
+  together = train.train_members(model, ids, labels, num_members=3, init_variables=v,
+                                 strategy="vmap", **kw)
+  assert together.strategy == "vmap"
+  alone = train.train_members(model, ids, labels, num_members=3, init_variables=v,
+                              strategy="loop", **kw)
+  chex.assert_trees_all_close(together.state["params"], alone.state["params"],
+                              atol=2e-5, rtol=2e-4)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                       together.state["params"]["layer_0"], v["params"]["layer_0"])
+  assert max(jax.tree.leaves(moved)) > 0  # the encoder itself was fine-tuned, not only the head
+  for bad in (dict(num_classes=1), dict(num_layers=4), dict(num_members=0)):
+    with pytest.raises(ValueError):
+      lme.finetune_init(jax.random.key(1), params, cfg, **{**dict(
+          num_layers=2, num_members=3, num_classes=3), **bad})
+
+
 def test_shallow_and_vote_match_numpy_loops():
   rng = np.random.default_rng(0)
   p = _probs(rng, 5, 40, 4)
@@ -171,10 +219,12 @@ def test_read_sick_entailment(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                    "data", "sick")),
                     reason="../shared/data/sick not present")
-def test_lm_ensembles_runlocal(tmp_path):
+@pytest.mark.parametrize("finetune", [False, True])
+def test_lm_ensembles_runlocal(tmp_path, finetune):
   from configs import lm_ensembles as cfg_module
   from experiments import main
   config = cfg_module.get_config("task=sick,runlocal")
+  config.finetune.enabled = finetune
   res = main.run_experiment(config, str(tmp_path))
   rows = res["rows"]
   names = [f"L{d}#{k}" for d in config.encoder.depths for k in range(config.members)]
@@ -186,4 +236,15 @@ def test_lm_ensembles_runlocal(tmp_path):
                     flops["L1#0"] + flops["L2#0"])
   assert rows["L1_L2 shallow_vote"]["nll"] is None
   assert np.isclose(sum(rows["L1_L2 deep"]["gate_weights"]), 1.0, atol=1e-5)
-  assert os.path.exists(tmp_path / "features.npz")
+  # Frozen: cached features; fine-tuned: the encoders themselves were trained.
+  assert os.path.exists(tmp_path / "features.npz") == (not finetune)
+  if finetune:  # one cross-encoder pass over the pair, then a linear head
+    folder = str(tmp_path / "tiny_bert")
+    cfg, tok = bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
+    test = sick.entailment_splits(config.data_dir, seed=config.seed, train=config.limits.train,
+                                  stack=config.limits.stack, test=config.limits.test)["test"]
+    ids = bert.tokenize(tok, test[0][0], max_length=config.encoder.max_length,
+                        pairs_with=test[0][1])
+    enc = np.mean([lme.encoder_flops(cfg, num_layers=2, seq_len=l) for l in (ids != 0).sum(1)])
+    assert np.isclose(rows["L2#1"]["GFLOPs (own encoders)"],
+                      (enc + 2 * cfg.hidden_size * len(sick.LABELS)) / 1e9)

@@ -100,6 +100,9 @@ def test_chunked_groups_match_per_member_loop_and_auto_follows_the_measured_rule
                              jnp.zeros((1, 4, 4, 1)), 2)["params"]
   assert members.resolve_strategy("auto", cnn) == "unroll"
   cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
+                             jnp.zeros((1, 4, 4, 1)), 1)["params"]
+  assert members.resolve_strategy("auto", cnn) == "loop"
+  cnn = members.init_members(jax.random.key(0), models.CNN(num_classes=3, stages=(2,)),
                              jnp.zeros((1, 4, 4, 1)), members.MAX_UNROLL + 1)["params"]
   assert members.resolve_strategy("auto", cnn) == "loop"
 

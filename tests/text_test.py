@@ -115,6 +115,21 @@ def test_tokenizer_and_padding_invariance(tiny):
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_pair_tokenization_is_cls_a_sep_b_sep(tiny):
+  _, _, tok, _ = tiny
+  a, b = ["the cat sat on the mat .", "a dog"], ["a man is playing", "the bird flies in the sky"]
+  ids = bert.tokenize(tok, a, max_length=16, pairs_with=b)
+  for i in range(2):
+    one_a = [t for t in bert.tokenize(tok, [a[i]], max_length=16)[0] if t != 0]
+    one_b = [t for t in bert.tokenize(tok, [b[i]], max_length=16)[0] if t != 0]
+    want = one_a + one_b[1:]  # [CLS] a [SEP] + b [SEP]
+    assert list(ids[i, :len(want)]) == want and not ids[i, len(want):].any()
+  short = bert.tokenize(tok, a, max_length=8, pairs_with=b)  # truncated to 8 tokens
+  assert short.shape == (2, 8) and (short[:, -1] == tok.sep_token_id).all()
+  with pytest.raises(ValueError, match="pairs_with has 1 sentences for 2"):
+    bert.tokenize(tok, a, max_length=16, pairs_with=b[:1])
+
+
 def test_dropout_only_in_training(tiny):
   _, cfg, tok, variables = tiny
   ids = bert.tokenize(tok, SENTENCES, max_length=16)

@@ -154,3 +154,27 @@ def domain_texts(raw: dict[str, tuple[list[str], list[str]]], *, train_per_domai
       idx = rng.permutation(len(by[d]))[:limit or len(by[d])]
       out[d][split] = [by[d][i] for i in sorted(idx)]
   return out
+
+
+def topic_splits(directory: str, *, seed: int, train: int = 0, stack: int = 0,
+                 test: int = 0) -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
+  """Raw posts for 20-way topic classification: train / stack / test and the group names.
+
+  `train` and `stack` (held out, e.g. for a stacking head) are disjoint seeded subsets
+  of the bydate training posts (0: `stack` = 1000 and `train` = the rest), `test` a
+  seeded subset of the test posts (0: all). Labels index the sorted group names.
+  """
+  arc = read_archive(os.path.join(directory, "20newsgroups"))
+  names = sorted(set(arc["train"][1]))
+  rng = np.random.default_rng(int(seed))
+  pick = lambda split, idx: ([arc[split][0][i] for i in idx],
+                             np.array([names.index(arc[split][1][i]) for i in idx]))
+  idx = rng.permutation(len(arc["train"][0]))
+  n_stack = int(stack) or 1000
+  n_train = int(train) or len(idx) - n_stack
+  if n_train + n_stack > len(idx):
+    raise ValueError(f"train {n_train} + stack {n_stack} exceed the {len(idx)} training posts.")
+  test_idx = rng.permutation(len(arc["test"][0]))[:int(test) or None]
+  return {"train": pick("train", idx[:n_train]),
+          "stack": pick("train", idx[n_train:n_train + n_stack]),
+          "test": pick("test", test_idx)}, names

@@ -59,3 +59,18 @@ def read_sick_entailment(split: str = "train", *, root: str) -> EntailmentPairs:
       b.append(fields[2])
       labels.append(LABELS.index(fields[4]))
   return EntailmentPairs(tuple(a), tuple(b), np.asarray(labels, np.int32))
+
+
+def entailment_splits(root: str, *, seed: int, train: int = 0, stack: int = 0, test: int = 0
+                      ) -> dict[str, tuple[tuple[list[str], list[str]], np.ndarray]]:
+  """{"train" (SICK train), "stack" (trial), "test"}: ((sentences_a, sentences_b), labels),
+  each a seeded random subset of the given size (0: the whole split)."""
+  rng = np.random.default_rng(int(seed))
+  out = {}
+  for name, split, limit in (("train", "train", train), ("stack", "trial", stack),
+                             ("test", "test", test)):
+    p = read_sick_entailment(split, root=root)
+    idx = rng.permutation(len(p))[:int(limit) or None]
+    out[name] = (([p.sentences_a[i] for i in idx], [p.sentences_b[i] for i in idx]),
+                 p.labels[idx])
+  return out

@@ -553,15 +553,22 @@ def load_tokenizer(path: str):
 
 
 def tokenize(tokenizer, sentences: Sequence[str], *, max_length: int,
-             pad_to: int | None = None) -> np.ndarray:
+             pad_to: int | None = None, pairs_with: Sequence[str] | None = None
+             ) -> np.ndarray:
   """Token ids (N, L) int32, truncated to `max_length`, padded with the pad id.
 
   L is the longest sentence (after truncation) rounded up to a multiple of `pad_to`
   (default: exactly `max_length`), so jitted functions see few distinct shapes.
+  `pairs_with`: second sentences, one per sentence: each row is then the pair
+  "[CLS] a [SEP] b [SEP]" (a cross-encoder's input; the longer side is truncated first).
   """
-  if isinstance(sentences, str):
+  if isinstance(sentences, str) or isinstance(pairs_with, str):
     raise TypeError("tokenize expects a list of sentences, got a single string.")
-  enc = tokenizer(list(sentences), truncation=True, max_length=max_length, padding=False)
+  if pairs_with is not None and len(pairs_with) != len(sentences):
+    raise ValueError(f"pairs_with has {len(pairs_with)} sentences for {len(sentences)}.")
+  second = None if pairs_with is None else list(pairs_with)
+  enc = tokenizer(list(sentences), second, truncation=True if second is None else
+                  "longest_first", max_length=max_length, padding=False)
   ids = enc["input_ids"]
   longest = max((len(t) for t in ids), default=1)
   if pad_to is None:
