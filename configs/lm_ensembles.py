@@ -55,7 +55,7 @@ def get_config(arg=None):
   # linear head (lm_ensembles.finetune_init; SICK as a cross-encoder over the pair);
   # otherwise config.model heads on the frozen encoder's cached features.
   c.finetune = ml_collections.ConfigDict(dict(
-      enabled=False, epochs=2, batch_size=16, learning_rate=5e-5))
+      enabled=False, epochs=2, batch_size=16, learning_rate=1e-4))
   c.model = configlib.model_config("mlp", widths=(256,), dropout=0.1)
   c.epochs = 30
   c.batch_size = 64

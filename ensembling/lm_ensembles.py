@@ -6,7 +6,8 @@ ways and find ensembles of small models competitive with, or better than, one la
 Here, as plain functions on member-axis-first arrays (K members, N examples):
 
 - Members. `truncate` turns a `models.bert` encoder into a smaller one by keeping its first
-  L layers (MiniLM-L6 -> L2/L3/L4); `pair_features` makes a sentence-pair input
+  L layers (MiniLM-L6 -> L2/L3/L4); `finetune_init` stacks K copies of it with their own
+  classifier heads for fine-tuning on the member axis; `pair_features` makes a sentence-pair input
   [u, v, |u - v|, u * v] (the InferSent / Sentence-BERT classifier input) for SICK.
 - Shallow ensemble: `shallow_probs` (weighted average of the members' probabilities) and
   `vote` (majority vote; ties to the class with the larger averaged probability).
@@ -27,10 +28,12 @@ Departures from the paper (stated plainly):
 - The paper's Deep ensemble uses a knowledge-guided reinforcement-learning reward; that
   reward is NOT reproduced. Ours is the bare 0/1 reward for a correct prediction of the
   sampled member, with a REINFORCE baseline.
-- The paper fine-tunes whole foundation models (BERT, RoBERTa, ...); on our 2 CPU cores
-  the experiment (`experiments/lm_ensembles.py`) keeps MiniLM frozen and fine-tunes only a
-  classifier (an MLP) on its cached sentence embeddings; members of one depth differ by
-  seed, data order and learning rate. See docs/lm_ensembles.md.
+- The paper fine-tunes whole foundation models (BERT, RoBERTa, ...). `finetune_init`
+  makes such members from MiniLM and its truncations (the encoder fine-tuned end to end
+  with a linear head; `config.finetune.enabled` in the experiment), at a budget our 2 CPU
+  cores allow; by default the experiment keeps MiniLM frozen and trains only a classifier
+  (an MLP) on its cached sentence embeddings. Members of one depth differ by seed, data
+  order and learning rate. See docs/lm_ensembles.md.
 - The Semi head and the Deep gate are trained on a held-out "stack" split that the members
   never saw (on the members' own training data they are almost always right, which would
   leave the gate nothing to learn).
