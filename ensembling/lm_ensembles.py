@@ -460,13 +460,15 @@ def mlp_flops(in_dim: int, widths: Sequence[int], *, num_classes: int) -> float:
 # --------------------------------------------------------------------------- all three
 
 def ensemble_gflops(member_gflops: Sequence[tuple[float, float]], *, feature_dim: int,
-                    num_classes: int, gate_hidden: int) -> dict[str, dict[str, float]]:
+                    num_classes: int, gate_hidden: int, shared_trunk: bool = True
+                    ) -> dict[str, dict[str, float | None]]:
   """GFLOPs per example of each of `METHODS` over members of (encoder, head) GFLOPs.
 
   "own encoders": every member runs its own encoder; "shared trunk": the members are
-  truncations of one encoder, so the deepest encoder runs once and every head reads its
-  own layer. Semi adds its softmax layer over the K concatenated `feature_dim`-wide
-  embeddings, Deep its gate (`gate_hidden` units, K outputs).
+  truncations of one frozen encoder, so the deepest encoder runs once and every head
+  reads its own layer (None when `shared_trunk` is False: fine-tuned members have
+  encoders of their own). Semi adds its softmax layer over the K concatenated
+  `feature_dim`-wide embeddings, Deep its gate (`gate_hidden` units, K outputs).
   """
   if not member_gflops:
     raise ValueError("ensemble_gflops needs at least one member.")
@@ -476,7 +478,8 @@ def ensemble_gflops(member_gflops: Sequence[tuple[float, float]], *, feature_dim
   extra = {"semi": 2 * k * feature_dim * num_classes / 1e9,
            "deep": mlp_flops(k * feature_dim, (int(gate_hidden),), num_classes=k) / 1e9}
   return {m: {"GFLOPs (own encoders)": own + extra.get(m, 0.0),
-              "GFLOPs (shared trunk)": shared + extra.get(m, 0.0)} for m in METHODS}
+              "GFLOPs (shared trunk)": shared + extra.get(m, 0.0) if shared_trunk else None}
+          for m in METHODS}
 
 
 

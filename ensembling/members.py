@@ -289,16 +289,19 @@ class MemberStep:
   def hold(self, state_K) -> Any:
     """The held form of `state_K` that `step_held` advances (resolves 'auto').
 
-    Always new arrays, so a donating step never invalidates `state_K`.
+    Always new arrays, so a donating step never invalidates `state_K`. With several
+    devices the state stays stacked (its member axis may be sharded, even over
+    processes), and 'loop' slices it every step.
     """
-    if self.resolve(state_K["params"]) != "loop":
+    if self.resolve(state_K["params"]) != "loop" or jax.device_count() > 1:
       return jax.tree.map(jnp.copy, state_K)
     if self._one is None:
       self._one = jax.jit(self._fn, donate_argnums=(0,) if self._donate else ())
     return split_members(state_K, self._num_members)
 
   def release(self, held) -> Any:
-    """The stacked state of a held form (new arrays; `held` stays valid)."""
+    """The stacked state of a held form (for K held states: new arrays, `held` stays
+    valid; a held stacked state is returned as is)."""
     return _stack(held) if isinstance(held, list) else held
 
   def step_held(self, held, batch_K, keys_K):

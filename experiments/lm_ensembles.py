@@ -141,7 +141,8 @@ def run(config, workdir: str):
         batch_size=int(cb.batch_size), gate_hidden=int(cb.gate_hidden),
         entropy=float(cb.entropy), seed=int(config.seed))
     gf = lm_ensembles.ensemble_gflops([cost[n][1:] for n in names], feature_dim=width,
-                                      num_classes=num_classes, gate_hidden=int(cb.gate_hidden))
+                                      num_classes=num_classes, gate_hidden=int(cb.gate_hidden),
+                                      shared_trunk=not tuned)
     for m in lm_ensembles.METHODS:
       rows[f"{g} {m}"] = {**res[m], "depth": max(cost[n][0] for n in names), **gf[m]}
     rows[f"{g} deep"]["gate_weights"] = res["gate_weights"]

@@ -197,6 +197,18 @@ def test_macro_f1_and_flops_against_explicit_counts():
   assert lme.encoder_flops(cfg, num_layers=4, seq_len=5) == 4 * one
   # Dense layers: 2 * 5 tokens * (4 * 8*8 + 2 * 8*32); attention: 2 * 2 * 25 * 8.
   assert one == 2 * 5 * (4 * 64 + 2 * 256) + 2 * 2 * 25 * 8
+  # Two members (encoder, head) GFLOPs: own encoders add up; a shared frozen trunk runs
+  # the deeper encoder once; Semi adds 2*K*D*C, Deep its gate K*D -> 4 -> K.
+  g = lme.ensemble_gflops([(3.0, 0.5), (1.0, 0.25)], feature_dim=10, num_classes=3,
+                          gate_hidden=4)
+  assert g["shallow_mean"] == {"GFLOPs (own encoders)": 4.75, "GFLOPs (shared trunk)": 3.75}
+  assert np.isclose(g["semi"]["GFLOPs (own encoders)"], 4.75 + 2 * 2 * 10 * 3 / 1e9)
+  assert np.isclose(g["deep"]["GFLOPs (shared trunk)"], 3.75 + 2 * (20 * 4 + 4 * 2) / 1e9)
+  tuned = lme.ensemble_gflops([(3.0, 0.5), (1.0, 0.25)], feature_dim=10, num_classes=3,
+                              gate_hidden=4, shared_trunk=False)
+  assert tuned["shallow_vote"]["GFLOPs (shared trunk)"] is None
+  with pytest.raises(ValueError, match="at least one member"):
+    lme.ensemble_gflops([], feature_dim=10, num_classes=3, gate_hidden=4)
 
 
 def test_read_sick_entailment(tmp_path):
@@ -248,3 +260,4 @@ def test_lm_ensembles_runlocal(tmp_path, finetune):
     enc = np.mean([lme.encoder_flops(cfg, num_layers=2, seq_len=l) for l in (ids != 0).sum(1)])
     assert np.isclose(rows["L2#1"]["GFLOPs (own encoders)"],
                       (enc + 2 * cfg.hidden_size * len(sick.LABELS)) / 1e9)
+    assert rows["L1_L2 semi"]["GFLOPs (shared trunk)"] is None  # no trunk is shared
