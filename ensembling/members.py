@@ -286,15 +286,16 @@ class MemberStep:
   # stacked 'loop' at 0.95x a loop of separately held states for 32 CNN members);
   # every other strategy holds the stacked state as is.
 
-  def hold(self, state_K) -> Any:
+  def hold(self, state_K, *, copy: bool = True) -> Any:
     """The held form of `state_K` that `step_held` advances (resolves 'auto').
 
-    Always new arrays, so a donating step never invalidates `state_K`. With several
+    New arrays unless `copy=False` (for a caller that gives up `state_K`; 'loop' always
+    makes new ones), so a donating step never invalidates `state_K`. With several
     devices the state stays stacked (its member axis may be sharded, even over
     processes), and 'loop' slices it every step.
     """
     if self.resolve(state_K["params"]) != "loop" or jax.device_count() > 1:
-      return jax.tree.map(jnp.copy, state_K)
+      return jax.tree.map(jnp.copy, state_K) if copy else state_K
     if self._one is None:
       self._one = jax.jit(self._fn, donate_argnums=(0,) if self._donate else ())
     return split_members(state_K, self._num_members)

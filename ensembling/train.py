@@ -243,7 +243,7 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   # K separate states for the 'loop' strategy); the stacked state is rebuilt only when
   # something reads it (an eval, `on_step`, a checkpoint, the end).
   holds = k is not None and hasattr(step_fn, "step_held")
-  held, stacked = (step_fn.hold(state), state) if holds else (state, state)
+  held, stacked = (step_fn.hold(state, copy=False), state) if holds else (state, state)
 
   def current():
     nonlocal stacked
