@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import members, metrics, supernet, train
+from ensembling import members, metrics, supernet, text, train
 from ensembling.models import bert
 from ensembling.models.linear import apply_linear, init_linear
 
@@ -126,6 +126,41 @@ def finetune_init(key: jax.Array, params: Mapping[str, Any], cfg: bert.BertConfi
                                jnp.zeros((1, cfg.hidden_size)), k)["params"]
   stacked = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (k,) + np.shape(x)), enc)
   return model, {"params": {**stacked, "head": heads}}
+
+
+def frozen_features(params: Mapping[str, Any], cfg: bert.BertConfig, tokenizer,
+                    texts: Mapping[str, Any], *, pairs: bool, depths: Sequence[int],
+                    max_length: int, batch_size: int = 64
+                    ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+  """Frozen-encoder member inputs after each of `depths` layers, per split.
+
+  Every distinct text is encoded once for all depths (`text.encode_depths`, mean pooling).
+
+  Args:
+    params, cfg, tokenizer: the pretrained encoder.
+    texts: {split: texts_N} or, with `pairs`, {split: (a_N, b_N)}.
+    pairs: sentence pairs: the features are `pair_features(u, v)`.
+    depths: layer counts L.
+    max_length, batch_size: tokens per text, texts per forward pass.
+
+  Returns:
+    ({L: {split: (N, F)}}, {split: (N, 1 or 2) token counts of each text}).
+  """
+  cols = {s: [list(x[0]), list(x[1])] if pairs else [list(x)] for s, x in texts.items()}
+  unique = sorted({t for c in cols.values() for col in c for t in col})
+  row = {t: i for i, t in enumerate(unique)}
+  emb = text.encode_depths(params, cfg, tokenizer, unique, depths=tuple(depths),
+                           max_length=int(max_length), batch_size=int(batch_size))
+  length = (bert.tokenize(tokenizer, unique, max_length=int(max_length))
+            != cfg.pad_token_id).sum(1)
+  feats, lens = {int(d): {} for d in depths}, {}
+  for s, c in cols.items():
+    rows = [np.array([row[t] for t in col]) for col in c]
+    lens[s] = np.stack([length[r] for r in rows], 1)
+    for d in depths:
+      e = [emb[d][r] for r in rows]
+      feats[int(d)][s] = e[0] if len(e) == 1 else pair_features(*e)
+  return feats, lens
 
 
 def pair_features(u_NxD, v_NxD) -> np.ndarray:

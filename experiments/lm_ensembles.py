@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from ensembling import configlib, data, lm_ensembles, members, report, text
+from ensembling import configlib, data, lm_ensembles, members, report
 from ensembling.data import newsgroups, sick
 from ensembling.models import bert
 
@@ -28,18 +28,15 @@ def _splits(config):
   return sick.entailment_splits(config.data_dir, **kw), len(sick.LABELS)
 
 
-def _texts(config, x):
-  return list(x) if config.task == "newsgroups" else list(x[0]) + list(x[1])
-
-
 def _encoder(config, splits, workdir):
   """The pretrained encoder's folder (a tiny random BERT for `tiny_random`), cfg, tokenizer."""
   enc = config.encoder
   folder = bert.resolve_model_path(enc.path) if enc.path != "tiny_random" else \
       os.path.join(workdir, "tiny_bert")
   if enc.path == "tiny_random" and not os.path.exists(folder):
-    bert.write_random_bert(folder, bert.most_common_words(_texts(config, splits["train"][0]),
-                                                          400),
+    x = splits["train"][0]
+    words = bert.most_common_words(list(x) if config.task == "newsgroups" else x[0] + x[1], 400)
+    bert.write_random_bert(folder, words,
                            num_layers=max(enc.depths), seed=int(config.seed))
   return folder, bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
 
@@ -53,28 +50,16 @@ def _ids(config, splits, tok, cfg):
 
 
 def _features(config, splits, workdir, folder, cfg, tok):
-  """{depth: {split: (N, F)}} of the frozen encoder and token lengths (N, texts) per split."""
-  enc, depths = config.encoder, tuple(int(d) for d in config.encoder.depths)
-  path = os.path.join(workdir, "features.npz")
-  texts = lambda x: _texts(config, x)
+  """{depth: {split: (N, F)}} of the frozen encoder and token lengths, cached in the workdir."""
+  depths, path = tuple(int(d) for d in config.encoder.depths), os.path.join(workdir, "features.npz")
   if os.path.exists(path):
     saved = np.load(path)
     return ({d: {s: saved[f"{d}_{s}"] for s in splits} for d in depths},
             {s: saved[f"len_{s}"] for s in splits})
-  params = bert.load_pretrained_params(folder, cfg)["params"]
-  unique = sorted({t for x, _ in splits.values() for t in texts(x)})
-  row = {t: i for i, t in enumerate(unique)}
-  emb = text.encode_depths(params, cfg, tok, unique, depths=depths,
-                           max_length=int(enc.max_length), batch_size=int(enc.batch_size))
-  length = (bert.tokenize(tok, unique, max_length=int(enc.max_length)) != cfg.pad_token_id).sum(1)
-  feats, lens = {d: {} for d in depths}, {}
-  for s, (x, _) in splits.items():
-    cols = [x] if config.task == "newsgroups" else [x[0], x[1]]
-    rows = [np.array([row[t] for t in c]) for c in cols]
-    lens[s] = np.stack([length[r] for r in rows], 1)
-    for d in depths:
-      e = [emb[d][r] for r in rows]
-      feats[d][s] = e[0] if len(e) == 1 else lm_ensembles.pair_features(*e)
+  feats, lens = lm_ensembles.frozen_features(
+      bert.load_pretrained_params(folder, cfg)["params"], cfg, tok,
+      {s: x for s, (x, _) in splits.items()}, pairs=config.task != "newsgroups", depths=depths,
+      max_length=int(config.encoder.max_length), batch_size=int(config.encoder.batch_size))
   np.savez(path, **{f"{d}_{s}": v for d, fs in feats.items() for s, v in fs.items()},
            **{f"len_{s}": v for s, v in lens.items()})
   return feats, lens
