@@ -206,8 +206,6 @@ def main(argv=None):
     runners[name], states[name] = step, state
     if strategy != "loop":  # XLA's own account of the program's buffers
       memory[name] = program_bytes(step._compiled.lower(state, batch_K, keys_K).compile())
-    else:
-      memory[name] = None
 
   # The baseline: K separately held states, one jitted one-member step each.
   one = jax.jit(functools.partial(members.train_step, model=model, tx=tx),
@@ -224,7 +222,7 @@ def main(argv=None):
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(loop_states[0]))
   # The loop holds all K states (and batches) and runs one member's program at a time.
   memory["loop"] = one_program + (k - 1) * (state_bytes + loop_batches[0]["x"].nbytes)
-  memory = {n: memory["loop"] if v is None else v for n, v in memory.items()}  # held loops
+  memory.update({n: memory["loop"] for n in names if n not in memory})  # held loops: the same
   xla_cost = one.lower(loop_states[0], loop_batches[0], loop_keys[0]).compile().cost_analysis()
   if isinstance(xla_cost, (list, tuple)):
     xla_cost = xla_cost[0] if xla_cost else {}
@@ -275,7 +273,7 @@ def main(argv=None):
       "loop_member_samples_per_s": round(rate["loop"], 1),
       f"{label}_member_samples_per_s": round(rate["auto"], 1),
       **{f"{n}_member_samples_per_s": round(rate[n], 1) for n in names if n != "auto"},
-      "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items() if v is not None},
+      "program_mib": {n: round(v / 2 ** 20, 1) for n, v in memory.items()},
       "parallel_over_loop": round(rate["auto"] / rate["loop"], 3),
       "parallel_over_loop_window_median": round(ratio, 3),
       "matmul_gflops": round(gflops, 1),

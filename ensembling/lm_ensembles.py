@@ -494,6 +494,9 @@ def mlp_flops(in_dim: int, widths: Sequence[int], *, num_classes: int) -> float:
 
 # --------------------------------------------------------------------------- all three
 
+METHODS = ("shallow_mean", "shallow_vote", "semi", "deep")
+
+
 def ensemble_gflops(member_gflops: Sequence[tuple[float, float]], *, feature_dim: int,
                     num_classes: int, gate_hidden: int, shared_trunk: bool = True
                     ) -> dict[str, dict[str, float | None]]:
@@ -515,10 +518,6 @@ def ensemble_gflops(member_gflops: Sequence[tuple[float, float]], *, feature_dim
   return {m: {"GFLOPs (own encoders)": own + extra.get(m, 0.0),
               "GFLOPs (shared trunk)": shared + extra.get(m, 0.0) if shared_trunk else None}
           for m in METHODS}
-
-
-
-METHODS = ("shallow_mean", "shallow_vote", "semi", "deep")
 
 
 def compare_ensembles(stack: Mapping[str, Any], test: Mapping[str, Any], *, num_classes: int,

@@ -330,12 +330,10 @@ def split_members(tree: PyTree, num_members: int) -> list[PyTree]:
       raise ValueError(f"Got a list of {len(tree)} per-member values for {num_members} "
                        "members.")
     return tree
-  leaves = jax.tree.leaves(tree)
-  for x in leaves:
-    if np.ndim(x) == 0 or np.shape(x)[0] != num_members:
-      raise ValueError(f"A stacked value of shape {np.shape(x)} has no leading axis of "
-                       f"{num_members} members.")
-  if all(isinstance(x, np.ndarray) for x in leaves):
+  found = tree_lib.num_members(tree)  # raises if the leaves disagree
+  if found != num_members:
+    raise ValueError(f"A stacked value of {found} members where {num_members} were expected.")
+  if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(tree)):
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(num_members)]
   return _unstack(tree, num_members)
 
