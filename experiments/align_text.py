@@ -44,9 +44,8 @@ def _features(config, posts, workdir):
     saved = np.load(path)
     return {d: {s: saved[f"{d}_{s}"] for s in posts} for d in depths}
   enc = config.encoder
-  folder = (bert.write_random_bert(os.path.join(workdir, "tiny_bert"), bert.most_common_words(
-      posts["train"][0], 400), num_layers=max(depths), seed=int(config.seed))
-            if enc.path == "tiny_random" else bert.resolve_model_path(enc.path))
+  folder = bert.encoder_folder(enc.path, scratch_dir=workdir, sentences=posts["train"][0],
+                               num_layers=max(depths), seed=int(config.seed))
   cfg, tok = bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
   params = bert.load_pretrained_params(folder, cfg)["params"]
   feats = {d: {} for d in depths}

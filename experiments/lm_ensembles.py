@@ -14,38 +14,21 @@ import numpy as np
 import optax
 
 from ensembling import configlib, data, lm_ensembles, members, report
-from ensembling.data import newsgroups, sick
 from ensembling.models import bert
-
-
-def _splits(config):
-  """{split: (texts_N or (a_N, b_N), labels_N)} for train / stack / test, and C."""
-  lim = config.limits
-  kw = dict(seed=int(config.seed), train=lim.train, stack=lim.stack, test=lim.test)
-  if config.task == "newsgroups":
-    splits, names = newsgroups.topic_splits(config.data_dir, **kw)
-    return splits, len(names)
-  return sick.entailment_splits(config.data_dir, **kw), len(sick.LABELS)
 
 
 def _encoder(config, splits, workdir):
   """The pretrained encoder's folder (a tiny random BERT for `tiny_random`), cfg, tokenizer."""
-  enc = config.encoder
-  folder = bert.resolve_model_path(enc.path) if enc.path != "tiny_random" else \
-      os.path.join(workdir, "tiny_bert")
-  if enc.path == "tiny_random" and not os.path.exists(folder):
-    x = splits["train"][0]
-    words = bert.most_common_words(list(x) if config.task == "newsgroups" else x[0] + x[1], 400)
-    bert.write_random_bert(folder, words,
-                           num_layers=max(enc.depths), seed=int(config.seed))
+  folder = bert.encoder_folder(
+      config.encoder.path, scratch_dir=workdir, num_layers=max(config.encoder.depths),
+      sentences=lm_ensembles.task_sentences(config.task, splits["train"][0]),
+      seed=int(config.seed))
   return folder, bert.bert_config_from_dir(folder), bert.load_tokenizer(folder)
 
 
 def _ids(config, splits, tok, cfg):
   """Token ids per split (SICK: the pair as one cross-encoder input) and their lengths."""
-  m = int(config.encoder.max_length)
-  ids = {s: bert.tokenize(tok, x, max_length=m) if config.task == "newsgroups" else
-         bert.tokenize(tok, x[0], max_length=m, pairs_with=x[1]) for s, (x, _) in splits.items()}
+  ids = lm_ensembles.task_ids(config.task, tok, splits, max_length=config.encoder.max_length)
   return ids, {s: (v != cfg.pad_token_id).sum(1)[:, None] for s, v in ids.items()}
 
 
@@ -72,7 +55,10 @@ def _gflops(cfg, lens_NxP, depth, in_dim, widths, num_classes):
 
 
 def run(config, workdir: str):
-  splits, num_classes = _splits(config)
+  lim = config.limits
+  splits, num_classes = lm_ensembles.task_splits(config.task, config.data_dir,
+                                                 seed=int(config.seed), train=lim.train,
+                                                 stack=lim.stack, test=lim.test)
   folder, cfg, tok = _encoder(config, splits, workdir)
   tuned = bool(config.finetune.enabled)  # fine-tuned encoders, or heads on frozen features
   feats, lens = (_ids(config, splits, tok, cfg) if tuned else

@@ -23,13 +23,8 @@ SHORT = {"STSBenchmark": "STS-B", "SICKRelatedness": "SICK-R"}
 
 def _encoder(config, sentences, workdir):
   """(path, cfg, tokenizer, pretrained params, model) of `config.model`."""
-  path = config.model.path
-  if path == "tiny_random":
-    path = bert.write_random_bert(os.path.join(workdir, "tiny_bert"),
-                                  bert.most_common_words(sentences, 400), num_layers=1,
-                                  seed=int(config.seed))
-  else:
-    path = bert.resolve_model_path(path)
+  path = bert.encoder_folder(config.model.path, scratch_dir=workdir, sentences=sentences,
+                            num_layers=1, seed=int(config.seed))
   cfg = bert.bert_config_from_dir(path)
   return (path, cfg, bert.load_tokenizer(path), bert.load_pretrained_params(path, cfg)["params"],
           bert.Bert(cfg, pooling=config.model.pooling))

@@ -1,7 +1,9 @@
 """StarSSE in the transfer setting: local deep ensemble vs SSE vs StarSSE from one checkpoint.
 
-Pre-train on the source classes, re-initialise the head for the target classes, then
-fine-tune M models per method at an equal budget of M cycles (configs/starsse_transfer.py).
+Images: pre-train on the source classes, re-initialise the head for the target classes.
+Text (`config.text`): MiniLM is the pre-trained checkpoint, with a new head for the task.
+Then fine-tune M models per method at an equal budget of M cycles
+(configs/starsse_transfer.py).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import os
 import jax
 import numpy as np
 
-from ensembling import configlib, data, members, report, train, trajectory
+from ensembling import configlib, data, lm_ensembles, members, report, train, trajectory
 from ensembling import tree as tree_lib
+from ensembling.models import bert
 
 
-def run(config, workdir: str):
+def _from_source_classes(config, workdir, runs):
+  """Pre-trains on the source classes: (model, `runs` start variables, target splits, info)."""
   splits = configlib.load_data(config)
   t, seed, bs = config.transfer, int(config.seed), int(config.batch_size)
   held = [c for c in range(splits.num_classes) if c not in tuple(t.pretrain_classes)]
@@ -29,18 +33,46 @@ def run(config, workdir: str):
       seed=seed, workdir=os.path.join(workdir, "pretrain"), schedule=sched,
       **configlib.fit_kwargs(config, eval_data=(source.x_val, source.y_val)))
   pretrained = tree_lib.index(members.variables_of(pre.state), 0)
-
   model = configlib.model_from_config(config.model, num_classes=target.num_classes)
+  fresh = members.init_members(jax.random.key(seed + 1), model, target.x_train[:1], runs)
+  start = tree_lib.transplant(tree_lib.broadcast(pretrained, runs), fresh, exclude=t.head)
+  info = {"source": source.describe(), "pretrained_val_accuracy": pre.history[-1].get(
+      "val_accuracy"), "task": f"{config.model.name} pre-trained on classes {list(t.pretrain_classes)}, "
+      f"fine-tuned on {held}"}
+  return model, start, target, info
+
+
+def _from_text_encoder(config, workdir, runs):
+  """The pre-trained text encoder with `runs` new heads: (model, start, token-id splits, info)."""
+  x, seed = config.text, int(config.seed)
+  raw, c = lm_ensembles.task_splits(x.task, config.data_dir, seed=seed, train=x.train,
+                                    stack=x.val, test=x.test)
+  folder = bert.encoder_folder(x.path, scratch_dir=workdir, num_layers=int(x.num_layers),
+                               sentences=lm_ensembles.task_sentences(x.task, raw["train"][0]),
+                               seed=seed)
+  cfg = bert.bert_config_from_dir(folder)
+  ids = lm_ensembles.task_ids(x.task, bert.load_tokenizer(folder), raw, max_length=x.max_length)
+  target = data.Splits(ids["train"], raw["train"][1], ids["stack"], raw["stack"][1],
+                       ids["test"], raw["test"][1], c, name=f"{x.task} token ids")
+  model, start = lm_ensembles.finetune_init(
+      jax.random.key(seed + 1), bert.load_pretrained_params(folder, cfg)["params"], cfg,
+      num_layers=int(x.num_layers), num_members=runs, num_classes=c)
+  return model, start, target, {"task": f"{x.path} ({x.num_layers} layers) fine-tuned on {x.task}"}
+
+
+def run(config, workdir: str):
+  t, seed, bs = config.transfer, int(config.seed), int(config.batch_size)
   s, m = int(config.members), int(t.num_models)
-  fresh = members.init_members(jax.random.key(seed + 1), model, target.x_train[:1], s * m)
-  start = tree_lib.transplant(tree_lib.broadcast(pretrained, s * m), fresh, exclude=t.head)
+  text = "text" in config
+  model, start, target, info = (_from_text_encoder if text else _from_source_classes)(
+      config, workdir, s * m)
   cyc = int(t.cycle_epochs) * data.num_steps_per_epoch(len(target.x_train), bs)
   lr = float(t.cycle_lr)
   plans = {"local deep ensemble": trajectory.sgd_plan(base_lr=lr, total_steps=cyc),
            "SSE": trajectory.sse_plan(base_lr=lr, total_steps=m * cyc, num_cycles=m),
            "StarSSE": trajectory.starsse_plan(base_lr=lr, total_steps=m * cyc, num_cycles=m)}
-  recal = lambda v, dims: trajectory.recalibrate(model, v, target.x_train, batch_size=bs,
-                                                 key=jax.random.key(seed), member_dims=dims)
+  recal = None if text else (lambda v, dims: trajectory.recalibrate(
+      model, v, target.x_train, batch_size=bs, key=jax.random.key(seed), member_dims=dims))
   kw = dict(batch_size=int(config.eval_batch_size))
   rows = {}
   for name, plan in plans.items():
@@ -61,17 +93,14 @@ def run(config, workdir: str):
                   **trajectory.average_rows(model, jax.tree.map(lambda a: a.mean(1), snaps),
                                             target.x_test, target.y_test, name="uniform soup",
                                             recalibrate_fn=recal, **kw)}
-  out = {"source": source.describe(), "target": target.describe(),
-         "pretrained_val_accuracy": pre.history[-1].get("val_accuracy"),
-         "models": m, "cycle_steps": cyc, "seeds": s,
+  out = {**info, "target": target.describe(), "models": m, "cycle_steps": cyc, "seeds": s,
          "methods": {n: {r: {"summary": report.seed_summary(ps),
                              "per_seed": [{k: v for k, v in p.items() if k != "_matrix"}
                                           for p in ps]}
                          for r, ps in rs.items()} for n, rs in rows.items()}}
-  markdown = (f"# StarSSE in the transfer setting: {config.model.name}, pre-trained on classes "
-              f"{list(t.pretrain_classes)}, fine-tuned on {held}; {m} models per method, "
-              f"{t.cycle_epochs} epochs per cycle, mean ± std over {s} seeds (target test "
-              "split)\n\n" + report.seed_table(rows)
+  markdown = (f"# StarSSE in the transfer setting: {info['task']}; {m} models per "
+              f"method, {t.cycle_epochs} epochs per cycle, mean ± std over {s} seeds (target "
+              "test split)\n\n" + report.seed_table(rows)
               + "\nEqual budget: M cycles of fine-tuning per method (the local deep ensemble's "
               "M cycles run in parallel, StarSSE's last M - 1 too, SSE's in a chain).\n")
   return out, markdown

@@ -129,6 +129,30 @@ def test_starsse_transfer_runlocal(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
+                                                   "sick")),
+                    reason="../shared/data/sick not present")
+def test_starsse_transfer_text_runlocal(tmp_path):
+  """The text path: a (tiny random) pre-trained BERT with new heads fine-tuned on SICK."""
+  from configs import starsse_transfer
+  config = starsse_transfer.get_config("arch=minilm,runlocal")
+  res = main.run_experiment(config, str(tmp_path))
+  m = config.transfer.num_models
+  assert res["target"].endswith("3 classes") and res["target"].startswith("sick token ids")
+  for rows in res["methods"].values():  # no BatchNorm: plain rows, no recalibrated ones
+    assert set(rows) == {f"ensemble of {m} snapshots", "mean snapshot (single model)",
+                         "uniform soup"}
+  read = lambda d: [json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")]
+  assert {r["member"] for r in read("local_deep_ensemble/run")} == set(range(config.members * m))
+  # All three start from the one checkpoint (run 0 with the same head): the first cycle
+  # of run 0 is the same fine-tune in each (local: vmapped with the other members).
+  first = lambda d: next(r for r in read(d) if r["member"] == 0 and "val_nll" in r)
+  sse, star, local = first("SSE/run"), first("StarSSE/first"), first("local_deep_ensemble/run")
+  assert sse["step"] == star["step"] == local["step"] == res["cycle_steps"]
+  assert star["val_nll"] == sse["val_nll"]
+  assert local["val_nll"] == pytest.approx(sse["val_nll"], abs=1e-5)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
                                                    "20newsgroups")),
                     reason="../shared/data/20newsgroups not present")
 def test_align_text_runlocal(tmp_path):

@@ -611,6 +611,24 @@ def resolve_model_path(path: str) -> str:
   return path
 
 
+def encoder_folder(path: str, *, scratch_dir: str, sentences: Sequence[str],
+                   num_layers: int = 2, seed: int = 0) -> str:
+  """The BERT folder a config's encoder path names.
+
+  A folder, "minilm" (`resolve_model_path`), or "tiny_random": a random `num_layers`-layer
+  BERT (`write_random_bert`) over the 400 most common words of `sentences`, written into
+  `scratch_dir`/tiny_bert on first use and read from there afterwards (tests and runlocal
+  configs: no weights needed).
+  """
+  if path != "tiny_random":
+    return resolve_model_path(path)
+  folder = os.path.join(scratch_dir, "tiny_bert")
+  if not os.path.exists(os.path.join(folder, "tokenizer_config.json")):  # written last
+    write_random_bert(folder, most_common_words(sentences, 400), num_layers=num_layers,
+                      seed=seed)
+  return folder
+
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
