@@ -261,3 +261,28 @@ def test_lm_ensembles_runlocal(tmp_path, finetune):
     assert np.isclose(rows["L2#1"]["GFLOPs (own encoders)"],
                       (enc + 2 * cfg.hidden_size * len(sick.LABELS)) / 1e9)
     assert rows["L1_L2 semi"]["GFLOPs (shared trunk)"] is None  # no trunk is shared
+
+
+def test_task_ids_and_encoder_folder(tmp_path):
+  words = ["a", "man", "is", "playing", "the", "guitar", "dog", "runs"]
+  folder = bert.encoder_folder("tiny_random", scratch_dir=str(tmp_path), sentences=words,
+                               num_layers=1, seed=3)
+  assert folder == str(tmp_path / "tiny_bert") and bert.bert_config_from_dir(folder).num_layers == 1
+  stamp = os.path.getmtime(os.path.join(folder, "model.safetensors"))
+  # Written once: a second call reads the same folder (not rewritten, same weights).
+  assert bert.encoder_folder("tiny_random", scratch_dir=str(tmp_path), sentences=["x"]) == folder
+  assert os.path.getmtime(os.path.join(folder, "model.safetensors")) == stamp
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    bert.encoder_folder(str(tmp_path / "nope"), scratch_dir=str(tmp_path), sentences=words)
+  tok = bert.load_tokenizer(folder)
+  a, b = ["a man is playing", "the dog runs"], ["the guitar", "a dog"]
+  splits = {"train": ((a, b), np.array([0, 1])), "test": ((b, a), np.array([2, 0]))}
+  ids = lme.task_ids("sick", tok, splits, max_length=12)
+  np.testing.assert_array_equal(ids["train"], bert.tokenize(tok, a, max_length=12, pairs_with=b))
+  np.testing.assert_array_equal(ids["test"], bert.tokenize(tok, b, max_length=12, pairs_with=a))
+  posts = {"train": (a, np.array([0, 1]))}
+  np.testing.assert_array_equal(lme.task_ids("newsgroups", tok, posts, max_length=8)["train"],
+                                bert.tokenize(tok, a, max_length=8))
+  assert lme.task_sentences("sick", (a, b)) == a + b and lme.task_sentences("newsgroups", a) == a
+  with pytest.raises(ValueError, match="Unknown task 'mnli'"):
+    lme.task_splits("mnli", str(tmp_path), seed=0)
