@@ -8,10 +8,13 @@ For each P in `config.partition.parts`:
   network (its logits are the mean of the parts' heads) - Table 8's third row;
 - classical MLP at equal neurons (P = 1, Table 4) and a classical MLP whose widths are
   scaled to the SuperModel's parameter count (Table 8, `supernet.equal_param_widths`).
-Training is `configlib.train_members_from_config`, heads `supernet.train_head`.
+Training is `configlib.train_members_from_config`, heads `supernet.train_head`; every
+training checkpoints into its own folder of the workdir (e.g. `P6_members`), so a rerun
+resumes (the seconds reported are then those of the resumed part).
 """
 
 import copy
+import os
 import time
 
 import jax
@@ -21,14 +24,15 @@ from ensembling import configlib, ensemble, members, metrics, models, report, su
 from ensembling import tree as tree_lib
 
 
-def _train(config, splits, k, desc, **model):
+def _train(config, splits, workdir, k, desc, **model):
   """K members of `config.model` with `model` attributes overridden: (model, result)."""
   c = copy.deepcopy(config)
   with c.unlocked():
     c.members = k
   base = configlib._plain(config.model) if config.model.name == model["name"] else {}
   net = models.make_model(**{**base, **model}, num_classes=splits.num_classes)
-  return configlib.train_members_from_config(c, splits, None, desc=desc, eval_every_epoch=False,
+  sub = os.path.join(workdir, desc.replace("=", "").replace(" ", "_"))
+  return configlib.train_members_from_config(c, splits, sub, desc=desc, eval_every_epoch=False,
                                              model=net)
 
 
@@ -41,13 +45,13 @@ def _test(model, res, splits, config):
           "params": tree_lib.count_params(tree_lib.index(res.state["params"], 0))}
 
 
-def _row(config, splits, parts, widths, in_dim):
+def _row(config, splits, workdir, parts, widths, in_dim):
   pc, sn, y = config.partition, config.supernet, splits.y_test
   sub = tuple(w // parts for w in widths)
   row = {"parts": parts, "sub_widths": sub, "params": supernet.supermodel_params(
       in_dim, widths, num_classes=splits.num_classes, parts=parts)}
   # SuperModel: P independent members, merged by a head on cached features.
-  model, res = _train(config, splits, parts, f"P={parts} members", name="mlp", widths=sub,
+  model, res = _train(config, splits, workdir, parts, f"P={parts} members", name="mlp", widths=sub,
                       dropout=pc.dropout_single if parts == 1 else pc.dropout_sub)
   variables = members.variables_of(res.state)
   t0 = time.perf_counter()
@@ -79,14 +83,14 @@ def _row(config, splits, parts, widths, in_dim):
                         "widths": widths, "seconds": res.seconds, "params": supernet.mlp_params(
                             in_dim, widths, num_classes=splits.num_classes)}
   if parts > 1 and pc.whole_trained:
-    row["whole_trained"] = _test(*_train(config, splits, 1, f"P={parts} whole",
+    row["whole_trained"] = _test(*_train(config, splits, workdir, 1, f"P={parts} whole",
                                          name="partitioned_mlp", widths=widths, parts=parts,
                                          dropout=pc.dropout_sub), splits, config)
   if parts > 1 and pc.equal_params:
     ew = supernet.equal_param_widths(in_dim, widths, num_classes=splits.num_classes,
                                      target=row["params"])
     row["classical_equal_params"] = {**_test(*_train(
-        config, splits, 1, f"P={parts} dense eq", name="mlp", widths=ew,
+        config, splits, workdir, 1, f"P={parts} dense eq", name="mlp", widths=ew,
         dropout=pc.dropout_single), splits, config), "widths": ew}
   return row
 
@@ -103,7 +107,7 @@ def run(config, workdir: str):
   splits = configlib.load_data(config)
   widths = tuple(int(w) for w in config.partition.widths)
   in_dim = int(np.prod(splits.x_train.shape[1:]))
-  rows = [_row(config, splits, int(p), widths, in_dim) for p in config.partition.parts]
+  rows = [_row(config, splits, workdir, int(p), widths, in_dim) for p in config.partition.parts]
   res = {"data": splits.describe(), "rows": rows}
   return res, markdown(res, config)
 

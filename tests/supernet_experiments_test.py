@@ -4,6 +4,7 @@ The library pieces are tested in supernet_test.py; each smoke test runs one expe
 through `experiments.main` and checks what holds by construction."""
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -60,6 +61,15 @@ def test_supernet_partition_experiment(tmp_path):
   assert eq["params"] == supernet.mlp_params(in_dim, eq["widths"], num_classes=c) >= p2["params"]
   assert tuple(eq["widths"]) == supernet.equal_param_widths(in_dim, (12, 12), num_classes=c,
                                                             target=p2["params"])
+  # Every training checkpoints into its own folder; a rerun resumes them all (nothing
+  # retrained) and gives the same table.
+  assert {"P1_members", "P2_members", "P2_whole", "P2_dense_eq"} <= set(os.listdir(tmp_path))
+  again = run_experiment(config, str(tmp_path))["rows"]
+  for r, a in zip(res["rows"], again):
+    for key in ("members", "softmax_voting", "supermodel", "whole_trained",
+                "classical_equal_params"):
+      if key in r:
+        assert a[key]["accuracy"] == r[key]["accuracy"], key
 
 
 def test_supernet_time_experiment(tmp_path):
