@@ -12,6 +12,13 @@ from configs import deep_ensemble, default
 from experiments import main
 
 
+def _needs_shared_data(folder):
+  """Skips a test when ../shared/data/<folder> is absent (a checkout without the data)."""
+  return pytest.mark.skipif(
+      not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data", folder)),
+      reason=f"../shared/data/{folder} not present")
+
+
 def test_default_config_runlocal_writes_everything_and_resumes(tmp_path):
   config = default.get_config("runlocal")
   rep = main.run_experiment(config, str(tmp_path))
@@ -128,9 +135,7 @@ def test_starsse_transfer_runlocal(tmp_path):
   assert {r["member"] for r in local} == set(range(config.members * m))
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
-                                                   "sick")),
-                    reason="../shared/data/sick not present")
+@_needs_shared_data("sick")
 def test_starsse_transfer_text_runlocal(tmp_path):
   """The text path: a (tiny random) pre-trained BERT with new heads fine-tuned on SICK."""
   from configs import starsse_transfer
@@ -152,9 +157,7 @@ def test_starsse_transfer_text_runlocal(tmp_path):
   assert local["val_nll"] == pytest.approx(sse["val_nll"], abs=1e-5)
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
-                                                   "20newsgroups")),
-                    reason="../shared/data/20newsgroups not present")
+@_needs_shared_data("20newsgroups")
 def test_align_text_runlocal(tmp_path):
   from configs import align_text
   config = align_text.get_config("runlocal")
@@ -169,9 +172,7 @@ def test_align_text_runlocal(tmp_path):
   assert main.run_experiment(config, str(tmp_path))["rows"] == res["rows"]
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data",
-                                                   "20newsgroups")),
-                    reason="../shared/data/20newsgroups not present")
+@_needs_shared_data("20newsgroups")
 def test_adapter_composition_runlocal(tmp_path):
   from configs import adapter_composition
   from ensembling import composition
