@@ -25,6 +25,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
 
 
+def needs_shared_data(folder):
+  """Marks a test to skip when ../shared/data/<folder> is absent (a checkout without it)."""
+  return pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, folder)),
+                            reason=f"../shared/data/{folder} not present")
+
+
 @pytest.fixture(scope="session")
 def digits():
   from ensembling import data

@@ -7,16 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, needs_shared_data
 from configs import deep_ensemble, default
 from experiments import main
-
-
-def _needs_shared_data(folder):
-  """Skips a test when ../shared/data/<folder> is absent (a checkout without the data)."""
-  return pytest.mark.skipif(
-      not os.path.isdir(os.path.join(os.path.dirname(REPO), "shared", "data", folder)),
-      reason=f"../shared/data/{folder} not present")
 
 
 def test_default_config_runlocal_writes_everything_and_resumes(tmp_path):
@@ -135,7 +128,7 @@ def test_starsse_transfer_runlocal(tmp_path):
   assert {r["member"] for r in local} == set(range(config.members * m))
 
 
-@_needs_shared_data("sick")
+@needs_shared_data("sick")
 def test_starsse_transfer_text_runlocal(tmp_path):
   """The text path: a (tiny random) pre-trained BERT with new heads fine-tuned on SICK."""
   from configs import starsse_transfer
@@ -157,7 +150,7 @@ def test_starsse_transfer_text_runlocal(tmp_path):
   assert local["val_nll"] == pytest.approx(sse["val_nll"], abs=1e-5)
 
 
-@_needs_shared_data("20newsgroups")
+@needs_shared_data("20newsgroups")
 def test_align_text_runlocal(tmp_path):
   from configs import align_text
   config = align_text.get_config("runlocal")
@@ -172,7 +165,7 @@ def test_align_text_runlocal(tmp_path):
   assert main.run_experiment(config, str(tmp_path))["rows"] == res["rows"]
 
 
-@_needs_shared_data("20newsgroups")
+@needs_shared_data("20newsgroups")
 def test_adapter_composition_runlocal(tmp_path):
   from configs import adapter_composition
   from ensembling import composition

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import SHARED_DATA, needs_shared_data
 from ensembling import lm_ensembles as lme
 from ensembling import supernet
 from ensembling.data import sick
@@ -223,14 +224,11 @@ def test_read_sick_entailment(tmp_path):
     sick.read_sick_entailment("train", root=str(tmp_path))
   with pytest.raises(ValueError, match="Unknown SICK split"):
     sick.read_sick_entailment("dev", root=str(tmp_path))
-  real = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-  if os.path.isdir(os.path.join(real, "sick")):
-    assert len(sick.read_sick_entailment("trial", root=real)) == 500
+  if os.path.isdir(os.path.join(SHARED_DATA, "sick")):
+    assert len(sick.read_sick_entailment("trial", root=SHARED_DATA)) == 500
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(os.path.dirname(__file__), "..", "..", "shared",
-                                                   "data", "sick")),
-                    reason="../shared/data/sick not present")
+@needs_shared_data("sick")
 @pytest.mark.parametrize("finetune", [False, True])
 def test_lm_ensembles_runlocal(tmp_path, finetune):
   from configs import lm_ensembles as cfg_module
