@@ -102,11 +102,16 @@ def run(config, workdir: str):
   res["supernet_build_compile_seconds"] = time.perf_counter() - t0
   res["supernet"], _ = _timed(config, arm, int(config.seed) + 100, evaluate)
   res["supernet"]["sub_members"] = k
+  res["supernet"]["params"] = tree_lib.count_params(state0["params"])
   report.plot_curve(os.path.join(workdir, "val_accuracy_vs_time.png"),
                     [r["seconds"] for r in res["single"]["curve"]],
                     {"single": [r["val_accuracy"] for r in res["single"]["curve"]]},
                     xlabel="seconds", ylabel="val accuracy")
   return res, markdown(res, config)
+
+
+def _shape(block) -> str:
+  return "-".join(map(str, block.widths if "widths" in block else block.stages))
 
 
 def markdown(res, config) -> str:
@@ -116,8 +121,9 @@ def markdown(res, config) -> str:
   curves = [res["single"]["curve"], res["supernet"]["curve"]]
   at = lambda c, i, f: (f(c[i]) if i < len(c) else ["-"] * len(f(c[0])))
   return (f"# Time to validation accuracy on {res['data']}\n\n"
-          f"single: {tuple(tc.single.widths)} ({res['single']['params']:,} params); SuperNet: "
-          f"{res['supernet']['sub_members']} x {tuple(tc.sub.widths)}, head "
+          f"single: {tc.single.name} {_shape(tc.single)} ({res['single']['params']:,} params); "
+          f"SuperNet: {res['supernet']['sub_members']} x {tc.sub.name} {_shape(tc.sub)} "
+          f"({res['supernet']['params']:,} params in all), head "
           f"{config.supernet.head_epochs} epochs. Seconds exclude evaluation and the first "
           "step's compilation; this is a shared CPU, so they are noisy.\n\n"
           + report.cells_table(

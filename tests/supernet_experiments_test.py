@@ -7,13 +7,14 @@ import io
 import os
 import tarfile
 
+import jax
 import numpy as np
 import pytest
 
 from configs import supernet as cfg_supernet
 from configs import supernet_partition as cfg_partition
 from configs import supernet_time as cfg_time
-from ensembling import data, supernet
+from ensembling import configlib, data, supernet, tree
 from ensembling.data import newsgroups
 from experiments.main import run_experiment
 
@@ -72,9 +73,15 @@ def test_supernet_partition_experiment(tmp_path):
         assert a[key]["accuracy"] == r[key]["accuracy"], key
 
 
-def test_supernet_time_experiment(tmp_path):
-  config = cfg_time.get_config("runlocal")
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_supernet_time_experiment(tmp_path, arch):
+  config = cfg_time.get_config(f"runlocal,arch={arch}")
+  assert config.timing.single.name == config.timing.sub.name == arch
   res = run_experiment(config, str(tmp_path))
+  sub = configlib.model_from_config(config.timing.sub, num_classes=10)
+  x = configlib.load_data(config).x_train[:1]
+  one = sub.init(jax.random.key(0), x, train=False)["params"]
+  assert res["supernet"]["params"] == config.timing.sub_members * tree.count_params(one)
   for arm in ("single", "supernet"):
     curve = res[arm]["curve"]
     assert [r["epoch"] for r in curve] == list(range(1, len(curve) + 1))
