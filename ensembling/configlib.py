@@ -77,6 +77,11 @@ def model_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(block)
 
 
+def model_sizes(model_block) -> tuple:
+  """The layer sizes of a `config.model` block: a CNN's `stages`, else its `widths`."""
+  return tuple(model_block.get("stages", model_block.get("widths", ())))
+
+
 def fashion_mnist_data(*, validation_size: int = 5000) -> ml_collections.ConfigDict:
   """`config.data` for Fashion-MNIST from the shared data folder: 55,000 / 5,000 / 10,000."""
   d = base_config().data

@@ -29,10 +29,6 @@ def _row(method, bits, m, logits_MxNxC, y, mem):
               **metrics.classification_metrics(probs, y))
 
 
-def _arch(model_block):
-  return tuple(model_block.get("stages", model_block.get("widths", ())))
-
-
 def run(config, workdir: str):
   splits = configlib.load_data(config)
   lp, y = config.lpe, splits.y_test
@@ -77,7 +73,8 @@ def run(config, workdir: str):
       [[r["method"], r["bits"], r["members"], f"{r['memory_bits'] / 1e3:.1f}",
         f"{100 * r['accuracy']:.2f}", f"{r['nll']:.4f}", f"{r['ece']:.4f}",
         f"{r['ambiguity']:.4f}"] for r in rows])
-  markdown = (f"# Low-precision ensembling: {config.model.name} {_arch(config.model)} on "
+  layers = configlib.model_sizes(config.model)
+  markdown = (f"# Low-precision ensembling: {config.model.name} {layers} on "
               f"{splits.name} ({config.epochs} epochs, {len(splits.x_train)} training images), "
               f"test split\n\n" + table + f"\nNLL gain of LPE-BSR (M={sizes[-1]}) over RTN at "
               "equal bits: " + ", ".join(f"{b} bits {g:+.4f}" for b, g in gains.items()) + "\n")

@@ -111,7 +111,7 @@ def run(config, workdir: str):
 
 
 def _shape(block) -> str:
-  return "-".join(map(str, block.widths if "widths" in block else block.stages))
+  return "-".join(map(str, configlib.model_sizes(block)))
 
 
 def markdown(res, config) -> str:
