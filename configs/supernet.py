@@ -50,6 +50,14 @@ def supernet_block(**overrides) -> ml_collections.ConfigDict:
   return sn
 
 
+def thesis_cnn_training(c):
+  """How the thesis CNN members (and their SuperNet head) train: Adam 1e-3, L2 1e-4."""
+  c.optim.name = "adam"
+  c.optim.learning_rate = 1e-3
+  c.optim.weight_decay = 1e-4
+  c.supernet.head_dropout = 0.4   # the CNN's dropout after its last pooling
+
+
 def get_config(arg=None):
   a = configlib.parse_arg(arg, preset="digits", arch="mlp", members=6, epochs=0,
                           limit_train=0, boost_epochs=0, boost_members=0, head_epochs=0,
@@ -78,10 +86,7 @@ def get_config(arg=None):
     c.supernet.head_dropout = 0.2
   elif a.arch == "cnn":
     c.model = configlib.model_config("cnn")
-    c.optim.name = "adam"
-    c.optim.learning_rate = 1e-3
-    c.optim.weight_decay = 1e-4
-    c.supernet.head_dropout = 0.4   # the CNN's dropout after its last pooling
+    thesis_cnn_training(c)
     c.supernet.boost_stages = (("^head/", 3), ("^conv2_1/", 3), ("^conv2_0/", 3),
                                ("^conv1_1/", 4))
   else:

@@ -25,7 +25,7 @@ TNG: both reach 0.84 at epoch 2 (single 78 s, SuperNet 131 s). docs/results.md.
 
 import ml_collections
 
-from configs.supernet import supernet_block
+from configs.supernet import supernet_block, thesis_cnn_training
 from ensembling import configlib
 
 
@@ -64,10 +64,7 @@ def get_config(arg=None):
   if a.arch == "cnn":
     c.timing.single = configlib.model_config("cnn")
     c.timing.sub = configlib.model_config("cnn", stages=(16, 32, 64))
-    c.optim.name = "adam"
-    c.optim.learning_rate = 1e-3
-    c.optim.weight_decay = 1e-4
-    c.supernet.head_dropout = 0.4   # the CNN's dropout after its last pooling
+    thesis_cnn_training(c)
   elif a.arch != "mlp":
     raise ValueError(f"Unknown arch {a.arch!r}; use mlp or cnn.")
   if a.max_epochs:
