@@ -118,6 +118,21 @@ def test_digits_is_embedded(digits):
   assert set(np.unique(digits.y_train)) == set(range(10))
 
 
+def test_digits_arrays_equal_sklearns_loader_and_fall_back_to_it(monkeypatch):
+  """The direct read of sklearn's digits.csv.gz is its load_digits(), bit for bit."""
+  from sklearn.datasets import load_digits
+  from ensembling.data import images
+  want = load_digits()
+  x, y = images.digits_arrays()
+  np.testing.assert_array_equal(x, want.images)
+  np.testing.assert_array_equal(y, want.target)
+  # Where the file is missing (another sklearn layout), sklearn's own loader is used.
+  monkeypatch.setattr(images.os.path, "exists", lambda p: False)
+  x2, y2 = images.digits_arrays()
+  np.testing.assert_array_equal(x2, want.images)
+  np.testing.assert_array_equal(y2, want.target)
+
+
 def test_split_classes_against_a_python_loop(digits):
   """Open-set split: each part keeps exactly its classes, in order, renumbered 0..C-1."""
   seen, unseen = data.split_classes(digits, held_out=(7, 1, 1))

@@ -66,6 +66,27 @@ def load_idx_directory(directory: str, *, validation_size=5000, seed: int = 0,
                      num_classes=10, validation_size=validation_size, seed=seed, name=name)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled digits as (images (1797, 8, 8) float64 0..16, labels int).
+
+  Read straight from the `digits.csv.gz` that scikit-learn ships, which is what its
+  `load_digits()` parses, without importing `sklearn` (whose import, with SciPy's, took
+  about 3.5 s of a 16 s smoke run here). Falls back to `sklearn.datasets.load_digits`
+  when the file is not where this version keeps it.
+  """
+  import importlib.util
+  spec = importlib.util.find_spec("sklearn")
+  roots = list(spec.submodule_search_locations or []) if spec else []
+  for root in roots:
+    path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+    if os.path.exists(path):
+      table = np.loadtxt(path, delimiter=",")
+      return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  return d.images, d.target
+
+
 def load_digits(directory: str = "", *, validation_size=0.1, seed: int = 0,
                 test_size: int = 360) -> Splits:
   """scikit-learn's bundled 8x8 digits (1797 images): the embedded default.
@@ -74,10 +95,9 @@ def load_digits(directory: str = "", *, validation_size=0.1, seed: int = 0,
   first, then the validation split is carved from the rest with `seed`.
   """
   del directory
-  from sklearn.datasets import load_digits as sk_digits
-  d = sk_digits()
-  x = (d.images.astype(np.float32) / 16.0)[..., None]
-  y = d.target.astype(np.int32)
+  images, labels = digits_arrays()
+  x = (images.astype(np.float32) / 16.0)[..., None]
+  y = labels.astype(np.int32)
   perm = np.random.default_rng(0).permutation(len(x))
   test, train = perm[:test_size], perm[test_size:]
   return make_splits((x[train], y[train]), (x[test], y[test]), num_classes=10,

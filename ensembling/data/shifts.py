@@ -170,10 +170,10 @@ def digits_28x28(*, border: int = 0) -> np.ndarray:
     `sklearn.datasets.load_digits().target`).
   """
   import jax
-  from sklearn.datasets import load_digits
+  from ensembling.data.images import digits_arrays
   if not 0 <= border < 14:
     raise ValueError(f"border must be in [0, 14), got {border}.")
-  x = load_digits().images.astype(np.float32) / 16.0
+  x = digits_arrays()[0].astype(np.float32) / 16.0
   inner = 28 - 2 * border
   x = np.asarray(jax.image.resize(x, (len(x), inner, inner), method="linear"))
   x = np.pad(x, ((0, 0), (border, border), (border, border)))
