@@ -514,7 +514,7 @@ def learned_soup(ingredients: PyTree | Sequence[PyTree], loss_fn: Callable,
 # --------------------------------------------------------------------------- scoring helpers
 
 def accuracy_fn(model, x, y) -> Callable[[PyTree], jax.Array]:
-  """A traceable `params -> accuracy` of `model` on (x, y): an `eval_fn` for the soups.
+  """A traceable, jitted `params -> accuracy` of `model` on (x, y): an `eval_fn` for the soups.
 
   Args:
     model: anything `models.as_model` accepts (without BatchNorm: a soup of BN models
@@ -522,7 +522,9 @@ def accuracy_fn(model, x, y) -> Callable[[PyTree], jax.Array]:
     x, y: the held-out inputs and labels (moved to the device once).
 
   Returns:
-    `params -> scalar` accuracy in inference mode.
+    `params -> scalar` accuracy in inference mode: compiled once per params structure
+    (x and y are its arguments, not constants baked into the program), so a direct
+    call runs compiled, and inside `jax.vmap` / `jax.jit` it traces as usual.
 
   >>> import jax, numpy as np, flax.linen as nn
   >>> net = nn.Dense(2)
@@ -534,10 +536,11 @@ def accuracy_fn(model, x, y) -> Callable[[PyTree], jax.Array]:
   m = as_model(model)
   xj, yj = jnp.asarray(x), jnp.asarray(y)
 
-  def score(params):
-    out, _ = m.apply({"params": params}, xj, train=False)
-    return jnp.mean(jnp.argmax(out.logits, -1) == yj)
-  return score
+  @jax.jit
+  def score(params, x_in, y_in):
+    out, _ = m.apply({"params": params}, x_in, train=False)
+    return jnp.mean(jnp.argmax(out.logits, -1) == y_in)
+  return lambda params: score(params, xj, yj)
 
 
 def loss_accuracy_fn(model, x, y) -> Callable[[PyTree], dict[str, float]]:
