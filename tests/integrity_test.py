@@ -173,28 +173,49 @@ KILLER = textwrap.dedent("""
 """)
 
 
+CLI = [sys.executable, "-m", "experiments.main", "--config=configs/default.py:runlocal",
+       "--config.epochs=3"]
+
+
 def _cli(wd, *extra):
-  return subprocess.run([sys.executable, "-m", "experiments.main",
-                         "--config=configs/default.py:runlocal", f"--workdir={wd}",
-                         "--config.epochs=3", *extra], cwd=REPO, capture_output=True,
+  return subprocess.run([*CLI, f"--workdir={wd}", *extra], cwd=REPO, capture_output=True,
                         text=True, timeout=600)
 
 
+def _together(commands, logs):
+  """Runs the commands at once (the independent runs need not wait for each other); each
+  one's stderr goes to its log file. Returns (returncode, stderr) per command, in order."""
+  procs = []
+  for cmd, log in zip(commands, logs):
+    with open(log, "w") as err:
+      procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+                                    text=True))
+  codes = [p.wait(timeout=600) for p in procs]
+  return [(c, open(log).read()) for c, log in zip(codes, logs)]
+
+
 def test_kill_9_at_three_points_then_rerun_equals_uninterrupted(tmp_path):
-  ref = _cli(str(tmp_path / "ref"))
-  assert ref.returncode == 0, ref.stderr[-2000:]
+  points = ("mid_epoch", "save", "final_eval")
+  wds = {point: str(tmp_path / point) for point in points}
+  # The reference run and the three runs killed at each point are independent: start them
+  # at once, then the three reruns at once.
+  first = _together([[*CLI, f"--workdir={tmp_path / 'ref'}"]]
+                    + [[sys.executable, "-c", KILLER.format(repo=REPO, point=p, wd=wds[p])]
+                       for p in points],
+                    [tmp_path / f"{name}.log" for name in ("ref", *points)])
+  assert first[0][0] == 0, first[0][1][-2000:]
   want = json.load(open(tmp_path / "ref" / "results.json"))
-  for point in ("mid_epoch", "save", "final_eval"):
-    wd = str(tmp_path / point)
-    killed = subprocess.run([sys.executable, "-c", KILLER.format(repo=REPO, point=point, wd=wd)],
-                            cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-2000:])
-    assert not os.path.exists(os.path.join(wd, "results.json"))
-    again = _cli(wd)
-    assert again.returncode == 0, (point, again.stderr[-2000:])
+  for point, (code, err) in zip(points, first[1:]):
+    assert code == -signal.SIGKILL, (point, err[-2000:])
+    assert not os.path.exists(os.path.join(wds[point], "results.json"))
+  again = _together([[*CLI, f"--workdir={wds[p]}"] for p in points],
+                    [tmp_path / f"{p}.again.log" for p in points])
+  ref_recs = [json.loads(l) for l in open(tmp_path / "ref" / "metrics.jsonl")]
+  for point, (code, err) in zip(points, again):
+    wd = wds[point]
+    assert code == 0, (point, err[-2000:])
     assert json.load(open(os.path.join(wd, "results.json"))) == want, point
     recs = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
-    ref_recs = [json.loads(l) for l in open(tmp_path / "ref" / "metrics.jsonl")]
     assert [(r["step"], r["member"]) for r in recs] == [(r["step"], r["member"]) for r in ref_recs]
   # A changed config is refused before anything is touched, naming the field.
   changed = _cli(str(tmp_path / "ref"), "--config.optim.learning_rate=0.5")
