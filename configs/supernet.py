@@ -67,11 +67,7 @@ def get_config(arg=None):
   c.members = a.members
   c.supernet = supernet_block()
   if a.preset == "fashion_mnist":
-    c.data = configlib.fashion_mnist_data()
-    c.epochs = 15
-    c.batch_size = 128
-    c.optim.learning_rate = 0.05
-    c.optim.weight_decay = 5e-4
+    configlib.fashion_mnist_preset(c, epochs=15)
   elif a.preset == "digits":
     c.epochs = 20
     c.batch_size = 32

@@ -40,11 +40,7 @@ def get_config(arg=None):
   ))
   c.model = configlib.model_config("mlp")
   if a.preset == "fashion_mnist":
-    c.data = configlib.fashion_mnist_data()
-    c.epochs = 8
-    c.batch_size = 128
-    c.optim.learning_rate = 0.05
-    c.optim.weight_decay = 5e-4
+    configlib.fashion_mnist_preset(c, epochs=8)
   elif a.preset == "newsgroups":
     configlib.newsgroups_preset(c)
     c.epochs = 4
