@@ -18,9 +18,9 @@ Tiny: `configs/supernet_time.py:runlocal`.
 Measured (fashion_mnist,max_epochs=12,targets=0.87-0.88-0.89-0.90): val 0.89 reached by
 the SuperNet in 54 s (epoch 8) vs 93 s (epoch 11) for the single net; 0.90 by neither.
 With max_epochs=40,targets=0.88-0.89-0.90, 3 seeds: 0.90 reached by the SuperNet first
-with every seed, 1.09x-1.70x sooner (mean 47 s vs 69 s). arch=cnn, 2 seeds: SuperNet
+with every seed, 1.09x-1.70x sooner (mean 47 s vs 69 s). arch=cnn, 3 seeds: SuperNet
 0.901 after one epoch, 431 s, vs the single CNN's 1,064 s (epoch 3): 2.47x (seed 0);
-570 s (epoch 2) vs 658 s (epoch 3): 1.15x (seed 1).
+570 s (epoch 2) vs 658 s (epoch 3): 1.15x (seed 1); 279 s vs 574 s: 2.06x (seed 2).
 TNG: both reach 0.84 at epoch 2 (single 78 s, SuperNet 131 s). docs/results.md.
 """
 
