@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any
 
+import jax
 import ml_collections
 import optax
 
@@ -246,6 +247,35 @@ def head_optimizer_from_config(supernet_block, *, num_examples: int):
   return supernet.head_optimizer(
       sn.head_optimizer, sn.head_lr, schedule=sn.head_schedule,
       steps=int(sn.head_epochs) * (int(num_examples) // int(sn.head_batch_size)))
+
+
+def supernet_cache_from_config(config, splits: data.Splits, model, variables, *,
+                               strategy: str) -> dict:
+  """`supernet.cache_features` of the stacked members `variables` on the train / val / test
+  splits (`config.eval_batch_size` per batch), each split with its labels ("y") added."""
+  from ensembling import supernet
+  cache = supernet.cache_features(model, variables, {n: splits.split(n)[0] for n in (
+      "train", "val", "test")}, batch_size=config.eval_batch_size, strategy=strategy)
+  for name in cache:
+    cache[name]["y"] = splits.split(name)[1]
+  return cache
+
+
+def train_head_from_config(config, cache: dict, heads: tuple, *, num_members: int, init: str,
+                           l2: float, scale: float | None, best_by: str | None = None,
+                           head_seed: int | None = None):
+  """`supernet.train_head` over the first `num_members` members with `config.supernet`'s
+  optimizer, epochs, batch size and dropout; `head_seed` (default
+  `config.supernet.head_seed`) is added to `config.seed` for the data order and dropout."""
+  from ensembling import supernet
+  sn = config.supernet
+  head_seed = int(sn.head_seed) if head_seed is None else int(head_seed)
+  tx = head_optimizer_from_config(sn, num_examples=len(cache["train"]["y"]))
+  return supernet.train_head(
+      cache, heads, num_members=num_members, init=init, tx=tx, epochs=int(sn.head_epochs),
+      batch_size=int(sn.head_batch_size), seed=config.seed + head_seed,
+      key=jax.random.key(config.seed + 7), l2=float(l2), scale=scale or None,
+      dropout=float(sn.head_dropout), best_by=best_by)
 
 
 def trajectory_plan(method: str, config, steps_per_epoch: int) -> trajectory.Plan:

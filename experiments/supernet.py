@@ -26,18 +26,12 @@ def _heads(config, splits, model, res):
   sn, k, y = config.supernet, int(config.members), splits.y_test
   variables = members.variables_of(res.state)
   t0 = time.perf_counter()
-  cache = supernet.cache_features(model, variables, {n: splits.split(n)[0] for n in (
-      "train", "val", "test")}, batch_size=config.eval_batch_size, strategy=res.strategy)
+  cache = configlib.supernet_cache_from_config(config, splits, model, variables,
+                                               strategy=res.strategy)
   out = {"cache_seconds": time.perf_counter() - t0}
-  for name in cache:
-    cache[name]["y"] = splits.split(name)[1]
   heads = supernet.member_heads(variables["params"])
-  tx = configlib.head_optimizer_from_config(sn, num_examples=len(splits.y_train))
-  head = lambda n, init, l2, scale, best_by: supernet.train_head(
-      cache, heads, num_members=n, init=init, tx=tx, epochs=int(sn.head_epochs),
-      batch_size=int(sn.head_batch_size), seed=config.seed + int(sn.head_seed),
-      key=jax.random.key(config.seed + 7), l2=float(l2), scale=scale or None,
-      dropout=float(sn.head_dropout), best_by=best_by)
+  head = lambda n, init, l2, scale, best_by: configlib.train_head_from_config(
+      config, cache, heads, num_members=n, init=init, l2=l2, scale=scale, best_by=best_by)
   logits, probs = cache["test"]["logits"], supernet.head_probs
   feats = lambda n: supernet.first_members(cache["test"]["features"], num_members=n,
                                            feature_dim=heads[0].shape[1])

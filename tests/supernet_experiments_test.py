@@ -19,6 +19,39 @@ from ensembling.data import newsgroups
 from experiments.main import run_experiment
 
 
+def test_head_from_config_is_train_head_with_the_config_fields():
+  """configlib's cache and head = `supernet.cache_features` / `train_head` called with
+  config.supernet's fields by hand; `head_seed` overrides config.supernet.head_seed."""
+  import chex
+  import optax
+  from ensembling import members
+  config = cfg_supernet.get_config("runlocal")
+  config.supernet.head_seed = 1
+  splits = configlib.load_data(config)
+  model = configlib.model_from_config(config.model, num_classes=splits.num_classes)
+  variables = members.init_members(jax.random.key(0), model, splits.x_train[:1], 2)
+  cache = configlib.supernet_cache_from_config(config, splits, model, variables,
+                                               strategy="vmap")
+  ref = supernet.cache_features(model, variables, {n: splits.split(n)[0] for n in (
+      "train", "val", "test")}, batch_size=config.eval_batch_size, strategy="vmap")
+  for n in ("train", "val", "test"):
+    np.testing.assert_array_equal(cache[n]["features"], ref[n]["features"])
+    np.testing.assert_array_equal(cache[n]["y"], splits.split(n)[1])
+  heads = supernet.member_heads(variables["params"])
+  sn = config.supernet
+  steps = int(sn.head_epochs) * (len(splits.y_train) // int(sn.head_batch_size))
+  tx = optax.adam(optax.cosine_decay_schedule(sn.head_lr, steps))
+  ref = lambda seed: supernet.train_head(
+      cache, heads, num_members=2, init="copy_scaled", tx=tx, epochs=int(sn.head_epochs),
+      batch_size=int(sn.head_batch_size), seed=config.seed + seed,
+      key=jax.random.key(config.seed + 7), l2=0.01, dropout=float(sn.head_dropout))[0]
+  got = lambda **kw: configlib.train_head_from_config(
+      config, cache, heads, num_members=2, init="copy_scaled", l2=0.01, scale=0.0, **kw)[0]
+  chex.assert_trees_all_close(got(), ref(1), rtol=1e-6, atol=1e-7)  # config's head_seed
+  chex.assert_trees_all_close(got(head_seed=3), ref(3), rtol=1e-6, atol=1e-7)  # override
+  assert not np.allclose(np.asarray(ref(1)["kernel"]), np.asarray(ref(3)["kernel"]))
+
+
 def test_supernet_experiment(tmp_path):
   config = cfg_supernet.get_config("runlocal")
   res = run_experiment(config, str(tmp_path))
