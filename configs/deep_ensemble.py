@@ -18,6 +18,7 @@ def get_config(arg=None):
                           runlocal=False)
   c = configlib.base_config()
   c.members = a.members
+  c.members_from = ""  # finished runs' workdirs, comma-separated: their members, not trained
   if a.preset == "fashion_mnist":
     configlib.fashion_mnist_preset(c, epochs=20)
   elif a.preset == "digits":

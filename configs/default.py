@@ -24,6 +24,7 @@ def get_config(arg=None):
   a = configlib.parse_arg(arg, runlocal=False)
   c = configlib.base_config()
   c.members = 8
+  c.members_from = ""  # finished runs' workdirs, comma-separated: their members, not trained
   c.epochs = 15
   c.batch_size = 32
   c.model = configlib.model_config("mlp", widths=(128, 128), dropout=0.1)

@@ -67,6 +67,7 @@ def get_config(arg=None):
   c = configlib.base_config()
   c.experiment = "supernet"
   c.members = a.members
+  c.members_from = ""  # finished runs' workdirs, comma-separated: their members, not trained
   c.supernet = supernet_block()
   if a.preset == "fashion_mnist":
     configlib.fashion_mnist_preset(c, epochs=15)

@@ -22,6 +22,7 @@ import ml_collections
 import optax
 
 from ensembling import data, models, optim, schedules, train, trajectory
+from ensembling import workdir as workdir_lib
 
 SHARED_DATA = "../shared/data"   # the project's data folder, beside the repository
 MODEL_DEFAULTS = {
@@ -140,6 +141,8 @@ def base_config() -> ml_collections.ConfigDict:
       dir="",                     # directory with the files (IDX, tfds data_dir)
       validation_size=0.1,        # count, or fraction of train
       limit_train=0,              # keep only the first N train examples (0: all)
+      split_seed=-1,              # seed of the validation split (-1: config.seed), so that
+                                  # runs of other seeds can share one split (members_from)
   ))
   c.model = model_config("mlp")
   c.optim = ml_collections.ConfigDict(dict(
@@ -225,8 +228,23 @@ def train_members_from_config(config, splits: data.Splits, workdir: str | None, 
   `init_variables` if given), `config.optim` with its schedule over `config.epochs`,
   per-member `optim.lr_scale` / `optim.weight_decay` lists, validation metrics every
   epoch (`eval_every_epoch`).
+
+  With `config.members_from` set (workdirs of finished runs, comma-separated; see
+  `member_sources`), nothing is trained: each source's final checkpoint is verified and
+  loaded (`train.fit_members(..., read_only=True)`, nothing written there), and the
+  members are joined in the order given (`tree.concat`); `workdir/members_from.json`
+  records each source's path, fields' SHA-256, member range and state SHA-256.
   """
   model = model or model_from_config(config.model, num_classes=splits.num_classes)
+  if config.get("members_from"):
+    return model, _members_from(config, splits, workdir, model)
+  return model, _train_members(config, splits, workdir, model, desc=desc,
+                               eval_every_epoch=eval_every_epoch,
+                               init_variables=init_variables)
+
+
+def _train_members(config, splits, workdir, model, *, desc="members", eval_every_epoch=True,
+                   init_variables=None, read_only=False) -> train.TrainResult:
   spe = data.num_steps_per_epoch(len(splits.x_train), int(config.batch_size))
   schedule = schedule_from_config(config.optim, total_steps=spe * int(config.epochs))
   tx = optimizer_from_config(config.optim, schedule=schedule)
@@ -235,9 +253,110 @@ def train_members_from_config(config, splits: data.Splits, workdir: str | None, 
       epochs=int(config.epochs), batch_size=int(config.batch_size), seed=int(config.seed),
       lr_scale=_plain(config.optim.get("lr_scale", 1.0)),
       weight_decay=_plain(config.optim.get("weight_decay", 0.0)), workdir=workdir,
-      desc=desc, schedule=schedule, init_variables=init_variables,
+      desc=desc, schedule=schedule, init_variables=init_variables, read_only=read_only,
       **fit_kwargs(config, eval_data=(splits.x_val, splits.y_val) if eval_every_epoch else None))
-  return model, res
+  return res
+
+
+# Experiments whose workdir holds `train_members_from_config`'s members in checkpoints/.
+MEMBER_SOURCE_EXPERIMENTS = ("deep_ensemble", "supernet")
+# What a member's training depends on besides its seed and the member count.
+MEMBER_FIELDS = ("model", "data", "optim", "epochs", "batch_size")
+
+
+def _member_recipe(fields: dict) -> dict:
+  """`MEMBER_FIELDS` of stored or current fields, the split seed resolved."""
+  out = {k: fields.get(k) for k in MEMBER_FIELDS}
+  d = dict(out["data"] or {})
+  if d.get("split_seed", -1) < 0:
+    d["split_seed"] = fields.get("seed")
+  out["data"] = d
+  return json_safe(out)
+
+
+def member_sources(config) -> list[tuple[str, dict]]:
+  """The workdirs `config.members_from` names, with their stored fields, checked.
+
+  Each must hold a run of `MEMBER_SOURCE_EXPERIMENTS` (its `run.json`) that trained its
+  own members with this config's `MEMBER_FIELDS` (model, data with the same validation
+  split, optimizer, epochs, batch size); seeds and member counts may differ, and the
+  counts must add up to `config.members`. Two sources with the same seed and count would
+  hold the same members and are refused. A ValueError lists every problem; nothing is
+  read but the `run.json` files.
+  """
+  paths = [p.strip() for p in str(config.members_from).split(",") if p.strip()]
+  if not paths:
+    raise ValueError(f"members_from names no workdir: {config.members_from!r}.")
+  problems, sources, seen = [], [], {}
+  want = _member_recipe(result_fields(config))
+  for path in paths:
+    try:
+      fields = workdir_lib.stored_fields(path)
+    except workdir_lib.WorkdirError as e:
+      problems.append(str(e))
+      continue
+    holder = workdir_lib.holder(path)
+    if holder:
+      problems.append(f"{path} is in use by {holder}; wait for it to finish")
+      continue
+    if fields.get("experiment") not in MEMBER_SOURCE_EXPERIMENTS:
+      problems.append(f"{path} holds a {fields.get('experiment')!r} run; members come from "
+                      f"{MEMBER_SOURCE_EXPERIMENTS} runs")
+      continue
+    if fields.get("members_from"):
+      problems.append(f"{path} took its own members from {fields['members_from']!r}; name "
+                      "those workdirs instead")
+      continue
+    diff = workdir_lib.differences(_member_recipe(fields), want)
+    if diff:
+      hint = ("; runs of several seeds share one validation split through data.split_seed"
+              if any(d.startswith("data.split_seed") for d in diff) else "")
+      problems.append(f"{path} trained its members differently (stored -> this config): "
+                      + "; ".join(diff) + hint)
+    key = (fields.get("seed"), fields.get("members"))
+    if key in seen:
+      problems.append(f"{seen[key]} and {path} hold the same members (seed {key[0]}, "
+                      f"{key[1]} members)")
+    seen.setdefault(key, path)
+    sources.append((path, fields))
+  if not problems:
+    total = sum(int(f["members"]) for _, f in sources)
+    if total != int(config.members):
+      problems.append(f"members={config.members} but the sources hold {total} ("
+                      + ", ".join(f"{p}: {f['members']}" for p, f in sources) + ")")
+  if problems:
+    raise ValueError("members_from:\n    " + "\n    ".join(problems))
+  return sources
+
+
+def _members_from(config, splits, workdir, model) -> train.TrainResult:
+  from ensembling import checkpoint, distributed, members, tree
+  sources = member_sources(config)
+  if workdir and any(os.path.abspath(p) == os.path.abspath(workdir) for p, _ in sources):
+    raise ValueError(f"members_from names this run's own workdir {workdir}.")
+  results, record, offset = [], [], 0
+  for path, fields in sources:
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.seed, sub.members, sub.members_from = int(fields["seed"]), int(fields["members"]), ""
+    res = _train_members(sub, splits, path, model, desc=f"members from {path}", read_only=True)
+    results.append(res)
+    k = int(fields["members"])
+    record.append({"path": os.path.abspath(path), "seed": int(fields["seed"]),
+                   "members": [offset, offset + k],
+                   "fields_sha256": workdir_lib.fingerprint(fields),
+                   "state_sha256": checkpoint.checksum(res.state)})
+    offset += k
+  state = tree.concat([r.state for r in results])
+  history, offset = [], 0
+  for r, (_, fields) in zip(results, sources):
+    history += [{**h, "member": h["member"] + offset} if "member" in h else h for h in r.history]
+    offset += int(fields["members"])
+  if workdir and distributed.is_primary():
+    with open(os.path.join(workdir, "members_from.json"), "w") as f:
+      json.dump(record, f, indent=2)
+  strategy = members.resolve_strategy(config.members_strategy, state["params"])
+  return train.TrainResult(state, strategy, 0.0, history)
+
 
 
 def head_optimizer_from_config(supernet_block, *, num_examples: int):
@@ -467,6 +586,14 @@ def validate(config) -> None:
   if "data" in config:
     try:
       data.check_data_config(config.data.to_dict())
+    except ValueError as e:
+      problems.append(str(e))
+  if config.get("members_from"):
+    if "distributed" in config and int(config.distributed.num_processes) > 1:
+      problems.append("members_from loads finished members in one process; unset "
+                      "distributed.num_processes")
+    try:
+      member_sources(config)
     except ValueError as e:
       problems.append(str(e))
   if "model" in config and "name" in config.model and config.model.name in models.registry.MODELS:

@@ -161,7 +161,7 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
         extra: PyTree = None, progress: bool = True, desc: str = "train",
         steps_per_epoch: int | None = None, eval_split: str = "val", start_step: int = 0,
         schedule: optax.Schedule | None = None, best_by: str | None = None,
-        ) -> tuple[PyTree, PyTree, list[dict]]:
+        read_only: bool = False) -> tuple[PyTree, PyTree, list[dict]]:
   """Runs `step_fn` up to `num_steps`; resumes from `workdir/checkpoints`.
 
   The state passed in is copied first, so step functions that donate their input never
@@ -196,6 +196,9 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
     best_by: a scalar eval entry, e.g. "val_accuracy": return the state of the eval
       point where it was highest (ties: the earliest) instead of the last one (single
       states only).
+    read_only: load what a finished run left in `workdir` instead of training: its
+      checkpoint at `num_steps` (verified) and its metrics.jsonl; nothing is written,
+      and a workdir without that checkpoint is an error.
 
   Returns:
     (state, extra, history): history holds the metrics.jsonl records.
@@ -222,6 +225,12 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
     metrics_path = None  # process 0 writes the records; every process keeps them
   history: list[dict] = []
   best = None
+  if read_only:
+    state, extra = _load_finished(workdir, {"state": state, "extra": extra, "window": window},
+                                  num_steps=int(num_steps))
+    history = _read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.exists(
+        os.path.join(workdir, "metrics.jsonl")) else []
+    return state, extra, [r for r in history if r["step"] <= int(num_steps)]
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     mgr = checkpoint.manager(os.path.join(workdir, "checkpoints"))
@@ -342,6 +351,25 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   return current(), extra, history
 
 
+def _load_finished(workdir: str | None, target: PyTree, *, num_steps: int):
+  """(state, extra) of the verified checkpoint at `num_steps` in `workdir/checkpoints`."""
+  if not workdir:
+    raise ValueError("read_only loads a finished run: give its workdir.")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(
+      ckpt_dir) else []
+  if num_steps not in steps:
+    where = f"its checkpoints are at steps {steps}" if steps else "it holds no checkpoint"
+    raise ValueError(f"{workdir} holds no finished training: {where}, and the run ends at "
+                     f"step {num_steps}. Rerun its own command to finish it.")
+  mgr = checkpoint.manager(ckpt_dir)
+  try:
+    tree = checkpoint.restore(mgr, target, step=num_steps)
+  finally:
+    mgr.close()
+  return tree["state"], tree["extra"]
+
+
 def divergence_warnings(history: list[dict], *, num_classes: int, num_examples: int,
                         split: str = "val") -> list[str]:
   """Members that diverged without a NaN: at chance accuracy, or above their initial loss.
@@ -452,7 +480,7 @@ def fit_members(state: PyTree, model, x: np.ndarray, y: np.ndarray, *,
                 checkpoint_every: int = 0, eval_batch_size: int = 1000,
                 progress: bool = True, desc: str = "members",
                 schedule: optax.Schedule | None = None, on_step=None,
-                extra=None) -> TrainResult:
+                extra=None, read_only: bool = False) -> TrainResult:
   """Trains the stacked member `state` for `num_steps` steps, each member on its own batches.
 
   Member k sees the batches of `make_batch_fn(x, y, seed=seed, ...)` and gets dropout
@@ -478,6 +506,8 @@ def fit_members(state: PyTree, model, x: np.ndarray, y: np.ndarray, *,
     progress, desc: the progress bar.
     schedule: the learning-rate schedule inside `tx` (for error messages).
     on_step, extra: passed to `fit` (e.g. a snapshot collector).
+    read_only: load the members a finished run of this same call left in `workdir`
+      (verified, nothing written; see `fit`) instead of training them.
 
   Returns:
     A `TrainResult`.
@@ -500,7 +530,7 @@ def fit_members(state: PyTree, model, x: np.ndarray, y: np.ndarray, *,
       eval_every=eval_every or spe, checkpoint_every=checkpoint_every or spe,
       progress=progress, desc=f"{desc}: {k} x {_model_name(model)} ({step.strategy})",
       steps_per_epoch=spe, eval_split=eval_split, schedule=schedule, on_step=on_step,
-      extra=extra)
+      extra=extra, read_only=read_only)
   return TrainResult(state, step.strategy, time.perf_counter() - t0, history, extra)
 
 

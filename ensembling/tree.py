@@ -66,6 +66,24 @@ def stack(trees: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
+def concat(stacked_trees: Sequence[PyTree]) -> PyTree:
+  """Joins stacked trees along their member axes: K_1 + K_2 + ... members, in order.
+
+  >>> concat([{"w": jnp.zeros((2, 3))}, {"w": jnp.ones((1, 3))}])["w"].shape
+  (3, 3)
+  """
+  trees = list(stacked_trees)
+  check_same_structure(trees, what="stacked trees", check_shapes=False)
+  for i, t in enumerate(trees):
+    num_members(t)  # every leaf has the member axis, of one size
+    for (name, a), (_, b) in zip(named_leaves(trees[0]), named_leaves(t)):
+      sa, sb = (np.shape(a)[1:], a.dtype), (np.shape(b)[1:], b.dtype)
+      if sa != sb:
+        raise ValueError(f"stacked trees 0 and {i} differ at '{name}' after the member axis: "
+                         f"{sa[0]} {sa[1]} vs {sb[0]} {sb[1]}.")
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *trees)
+
+
 def num_members(stacked: PyTree) -> int:
   """The size of the leading member axis (checked equal across leaves)."""
   leaves = jax.tree.leaves(stacked)

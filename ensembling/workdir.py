@@ -71,6 +71,46 @@ def _holder(path: str) -> str:
     return "another process"
 
 
+def stored_fields(workdir: str) -> dict[str, Any]:
+  """The fields `workdir` was claimed with (its run.json), checked against their SHA-256.
+
+  Raises:
+    WorkdirError: no such directory, no run.json, or one that is unreadable or was edited.
+  """
+  path = os.path.join(workdir, FINGERPRINT)
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"{workdir} is not a directory.")
+  if not os.path.exists(path):
+    raise WorkdirError(f"{workdir} has no {FINGERPRINT}: it is not a run of this project.")
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+    fields, sha = stored["fields"], stored["sha256"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise WorkdirError(f"{path} is unreadable ({type(e).__name__}: {e}).") from None
+  if fingerprint(fields) != sha:
+    raise WorkdirError(f"{path} does not match its own SHA-256: it was edited after the run.")
+  return fields
+
+
+def holder(workdir: str) -> str | None:
+  """Who holds `workdir`'s lock now ("pid ... on host, started ..."), or None."""
+  path = os.path.join(workdir, LOCK)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except BlockingIOError:
+    return _holder(path)
+  else:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  finally:
+    os.close(fd)
+
+
 def clear(workdir: str) -> None:
   """Deletes everything in `workdir` but its lock (for an explicit restart)."""
   for name in os.listdir(workdir):

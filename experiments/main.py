@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from ensembling import configlib, distributed, report, workdir as workdir_lib
+from ensembling import checkpoint, configlib, distributed, report, workdir as workdir_lib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
         config[block][name] = value
     try:
       run_experiment(config, flags.FLAGS.workdir, restart=restart)
-    except (workdir_lib.WorkdirError, distributed.DistributedError, ValueError) as e:
+    except (workdir_lib.WorkdirError, distributed.DistributedError, checkpoint.CheckpointError,
+            ValueError) as e:
       # the user's to fix: no traceback
       if os.environ.get("ENSEMBLING_TRACEBACK"):
         raise

@@ -182,3 +182,14 @@ def test_tfds_source_with_mock_data():
     s = data.load({"name": "mnist", "source": "tfds", "validation_size": 8}, seed=0)
   assert s.x_train.shape == (32, 28, 28, 1) and s.x_val.shape == (8, 28, 28, 1)
   assert s.x_test.shape[1:] == (28, 28, 1) and s.num_classes == 10
+
+
+def test_split_seed_fixes_the_validation_split_whatever_the_run_seed():
+  ref = data.load({"name": "digits"}, seed=0)
+  shared = data.load({"name": "digits", "split_seed": 0}, seed=5)
+  own = data.load({"name": "digits"}, seed=5)
+  for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+    np.testing.assert_array_equal(getattr(shared, name), getattr(ref, name))
+  assert not np.array_equal(own.y_val, ref.y_val)
+  with pytest.raises(ValueError, match="split_seed"):
+    data.check_data_config({"name": "digits", "split_seed": -2})

@@ -72,3 +72,17 @@ def test_finite_members_flags_nan_member():
   np.testing.assert_array_equal(tree_lib.finite_members(stacked), [True, False, True])
   assert not bool(tree_lib.all_finite(stacked))
   assert bool(tree_lib.all_finite(tree_lib.index(stacked, 0)))
+
+
+def test_concat_joins_member_axes_in_order():
+  a, b = tree_lib.stack([_tree(0), _tree(1)]), tree_lib.stack([_tree(2)])
+  joined = tree_lib.concat([a, b])
+  assert tree_lib.num_members(joined) == 3
+  for i, t in enumerate([_tree(0), _tree(1), _tree(2)]):
+    chex.assert_trees_all_equal(tree_lib.index(joined, i), t)
+  bad = tree_lib.stack([{"a": {"kernel": jnp.zeros((3, 5)), "bias": jnp.zeros(2)},
+                         "b": [jnp.zeros(4)]}])
+  with pytest.raises(ValueError, match="a/kernel"):
+    tree_lib.concat([a, bad])
+  with pytest.raises(ValueError, match="structure"):
+    tree_lib.concat([a, {"a": a["a"]}])

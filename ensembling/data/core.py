@@ -8,7 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-DATA_KEYS = ("name", "source", "dir", "validation_size", "limit_train", "max_features")
+DATA_KEYS = ("name", "source", "dir", "validation_size", "limit_train", "max_features",
+             "split_seed")
 SOURCES = ("", "builtin", "idx", "tfds")
 ALIASES = {"fashion-mnist": "fashion_mnist", "fashionmnist": "fashion_mnist",
            "20-newsgroups": "20newsgroups"}
@@ -166,6 +167,10 @@ def check_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
   if isinstance(limit, bool) or int(limit) != limit or limit < 0:
     raise ValueError(f"data.limit_train must be an integer >= 0 (0: all), got {limit!r}.")
   validation_count(cfg.get("validation_size", 0.1), 10**9)  # the rule, not the range
+  split_seed = cfg.get("split_seed", -1)
+  if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < -1:
+    raise ValueError(f"data.split_seed must be an integer >= 0, or -1 for the run's seed; "
+                     f"got {split_seed!r}.")
   cfg["name"] = name
   return cfg
 
@@ -176,12 +181,15 @@ def load(data_config: Mapping[str, Any], *, seed: int = 0) -> Splits:
   Keys: `name` (digits | fashion_mnist (or fashion-mnist) | mnist | 20newsgroups | any tfds
   name with source=tfds; 20newsgroups also reads `max_features`), `source` (builtin |
   idx | tfds; optional), `dir`, `validation_size` (0: none; a fraction in (0, 1); a count
-  >= 2), and `limit_train` (keep only the first N training examples after the split;
-  0 keeps all).
+  >= 2), `limit_train` (keep only the first N training examples after the split;
+  0 keeps all) and `split_seed` (the seed of the validation split instead of `seed`;
+  -1 or absent: `seed`), so that runs of different seeds can share one split.
   """
   from ensembling.data import images, tfds_source  # local: keeps import cheap
 
   cfg = check_data_config(data_config)
+  if cfg.get("split_seed", -1) >= 0:
+    seed = cfg["split_seed"]
   name = cfg["name"]
   source = cfg.get("source", "") or ("tfds" if name not in images.BUILTIN else "builtin")
   val_size = cfg.get("validation_size", 0.1)
