@@ -65,7 +65,8 @@ def test_command_line_errors_are_one_line_with_suggestions(tmp_path):
   res = _cli("--config=configs/default.py:runlocal", f"--workdir={tmp_path}/w",
              "--config.memberz=3")
   assert res.returncode == 2
-  assert res.stderr.strip() == "error: Unknown config field 'memberz'; did you mean 'members'?"
+  assert res.stderr.strip() == ("error: Unknown config field 'memberz'; did you mean 'members' "
+                                "or 'members_from'?")
   res = _cli("--config=configs/default.py:runlocal", f"--workdir={tmp_path}/w",
              "--config.data.name=digitz")
   assert res.returncode == 1 and "did you mean 'digits'?" in res.stderr
