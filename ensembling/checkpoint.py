@@ -149,20 +149,3 @@ def restore_latest_valid(mgr: ocp.CheckpointManager, target: PyTree
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return text[0][:300] if text else ""
-
-
-def save_tree(path: str, tree: PyTree) -> None:
-  """One-off save of a pytree to `path` (a directory that must not exist yet)."""
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), jax.device_get(tree))
-
-
-def load_tree(path: str, target: PyTree | None = None) -> PyTree:
-  """Loads what `save_tree` wrote; with `target`, into its structure."""
-  path = os.path.abspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No checkpoint at {path}.")
-  with ocp.StandardCheckpointer() as ckptr:
-    if target is None:
-      return ckptr.restore(path)
-    return ckptr.restore(path, jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
