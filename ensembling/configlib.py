@@ -334,23 +334,20 @@ def _members_from(config, splits, workdir, model) -> train.TrainResult:
   sources = member_sources(config)
   if workdir and any(os.path.abspath(p) == os.path.abspath(workdir) for p, _ in sources):
     raise ValueError(f"members_from names this run's own workdir {workdir}.")
-  results, record, offset = [], [], 0
+  states, history, record, offset = [], [], [], 0
   for path, fields in sources:
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.seed, sub.members, sub.members_from = int(fields["seed"]), int(fields["members"]), ""
     res = _train_members(sub, splits, path, model, desc=f"members from {path}", read_only=True)
-    results.append(res)
-    k = int(fields["members"])
-    record.append({"path": os.path.abspath(path), "seed": int(fields["seed"]),
-                   "members": [offset, offset + k],
+    states.append(res.state)
+    history += [{**h, "member": h["member"] + offset} if "member" in h else h
+                for h in res.history]
+    record.append({"path": os.path.abspath(path), "seed": sub.seed,
+                   "members": [offset, offset + sub.members],
                    "fields_sha256": workdir_lib.fingerprint(fields),
                    "state_sha256": checkpoint.checksum(res.state)})
-    offset += k
-  state = tree.concat([r.state for r in results])
-  history, offset = [], 0
-  for r, (_, fields) in zip(results, sources):
-    history += [{**h, "member": h["member"] + offset} if "member" in h else h for h in r.history]
-    offset += int(fields["members"])
+    offset += sub.members
+  state = tree.concat(states)
   if workdir and distributed.is_primary():
     with open(os.path.join(workdir, "members_from.json"), "w") as f:
       json.dump(record, f, indent=2)

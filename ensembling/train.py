@@ -228,8 +228,8 @@ def fit(state: PyTree, *, step_fn: Callable, batch_fn: Callable[[int], Any],
   if read_only:
     state, extra = _load_finished(workdir, {"state": state, "extra": extra, "window": window},
                                   num_steps=int(num_steps))
-    history = _read_jsonl(os.path.join(workdir, "metrics.jsonl")) if os.path.exists(
-        os.path.join(workdir, "metrics.jsonl")) else []
+    records = os.path.join(workdir, "metrics.jsonl")
+    history = _read_jsonl(records) if os.path.exists(records) else []
     return state, extra, [r for r in history if r["step"] <= int(num_steps)]
   if workdir:
     os.makedirs(workdir, exist_ok=True)
@@ -356,14 +356,16 @@ def _load_finished(workdir: str | None, target: PyTree, *, num_steps: int):
   if not workdir:
     raise ValueError("read_only loads a finished run: give its workdir.")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit()) if os.path.isdir(
-      ckpt_dir) else []
-  if num_steps not in steps:
-    where = f"its checkpoints are at steps {steps}" if steps else "it holds no checkpoint"
-    raise ValueError(f"{workdir} holds no finished training: {where}, and the run ends at "
-                     f"step {num_steps}. Rerun its own command to finish it.")
+  if not os.path.isdir(ckpt_dir):  # checked first: the manager would create it
+    raise ValueError(f"{workdir} holds no finished training: it holds no checkpoint. "
+                     "Rerun its own command to finish it.")
   mgr = checkpoint.manager(ckpt_dir)
   try:
+    steps = sorted(mgr.all_steps())
+    if num_steps not in steps:
+      where = f"its checkpoints are at steps {steps}" if steps else "it holds no checkpoint"
+      raise ValueError(f"{workdir} holds no finished training: {where}, and the run ends at "
+                       f"step {num_steps}. Rerun its own command to finish it.")
     tree = checkpoint.restore(mgr, target, step=num_steps)
   finally:
     mgr.close()

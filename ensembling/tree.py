@@ -74,9 +74,10 @@ def concat(stacked_trees: Sequence[PyTree]) -> PyTree:
   """
   trees = list(stacked_trees)
   check_same_structure(trees, what="stacked trees", check_shapes=False)
+  first = named_leaves(trees[0])
   for i, t in enumerate(trees):
     num_members(t)  # every leaf has the member axis, of one size
-    for (name, a), (_, b) in zip(named_leaves(trees[0]), named_leaves(t)):
+    for (name, a), (_, b) in zip(first, named_leaves(t)):
       sa, sb = (np.shape(a)[1:], a.dtype), (np.shape(b)[1:], b.dtype)
       if sa != sb:
         raise ValueError(f"stacked trees 0 and {i} differ at '{name}' after the member axis: "

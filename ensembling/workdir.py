@@ -82,15 +82,21 @@ def stored_fields(workdir: str) -> dict[str, Any]:
     raise WorkdirError(f"{workdir} is not a directory.")
   if not os.path.exists(path):
     raise WorkdirError(f"{workdir} has no {FINGERPRINT}: it is not a run of this project.")
+  stored = _read_stored(path)
+  if fingerprint(stored["fields"]) != stored.get("sha256"):
+    raise WorkdirError(f"{path} does not match its own SHA-256: it was edited after the run.")
+  return stored["fields"]
+
+
+def _read_stored(path: str) -> dict[str, Any]:
+  """The JSON object in run.json at `path`, holding "fields", or a WorkdirError."""
   try:
     with open(path) as f:
       stored = json.load(f)
-    fields, sha = stored["fields"], stored["sha256"]
+    stored["fields"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise WorkdirError(f"{path} is unreadable ({type(e).__name__}: {e}).") from None
-  if fingerprint(fields) != sha:
-    raise WorkdirError(f"{path} does not match its own SHA-256: it was edited after the run.")
-  return fields
+    raise WorkdirError(f"{path} is unreadable ({e}).") from None
+  return stored
 
 
 def holder(workdir: str) -> str | None:
@@ -178,11 +184,9 @@ def _check(workdir, stored_path, fields, restart_flag):
                          f"but no {FINGERPRINT}: it was not made by this version. {ways}")
     return
   try:
-    with open(stored_path) as f:
-      stored = json.load(f)
-    old = stored["fields"]
-  except (OSError, ValueError, KeyError) as e:
-    raise WorkdirError(f"{stored_path} is unreadable ({e}). {ways}") from None
+    old = _read_stored(stored_path)["fields"]
+  except WorkdirError as e:
+    raise WorkdirError(f"{e} {ways}") from None
   if fingerprint(old) != fingerprint(fields):
     diff = differences(old, fields)
     raise WorkdirError(f"Workdir {workdir} holds a run of another configuration:\n  "
