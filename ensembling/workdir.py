@@ -82,21 +82,20 @@ def stored_fields(workdir: str) -> dict[str, Any]:
     raise WorkdirError(f"{workdir} is not a directory.")
   if not os.path.exists(path):
     raise WorkdirError(f"{workdir} has no {FINGERPRINT}: it is not a run of this project.")
-  stored = _read_stored(path)
-  if fingerprint(stored["fields"]) != stored.get("sha256"):
+  fields, sha = _read_stored(path)
+  if fingerprint(fields) != sha:
     raise WorkdirError(f"{path} does not match its own SHA-256: it was edited after the run.")
-  return stored["fields"]
+  return fields
 
 
-def _read_stored(path: str) -> dict[str, Any]:
-  """The JSON object in run.json at `path`, holding "fields", or a WorkdirError."""
+def _read_stored(path: str) -> tuple[Any, str | None]:
+  """The "fields" and "sha256" (None if absent) of the run.json at `path`, or a WorkdirError."""
   try:
     with open(path) as f:
       stored = json.load(f)
-    stored["fields"]
+    return stored["fields"], stored.get("sha256")
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise WorkdirError(f"{path} is unreadable ({e}).") from None
-  return stored
 
 
 def holder(workdir: str) -> str | None:
@@ -184,7 +183,7 @@ def _check(workdir, stored_path, fields, restart_flag):
                          f"but no {FINGERPRINT}: it was not made by this version. {ways}")
     return
   try:
-    old = _read_stored(stored_path)["fields"]
+    old, _ = _read_stored(stored_path)
   except WorkdirError as e:
     raise WorkdirError(f"{e} {ways}") from None
   if fingerprint(old) != fingerprint(fields):

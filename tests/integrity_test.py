@@ -138,6 +138,20 @@ def test_a_workdir_without_fingerprint_is_not_adopted(tmp_path):
       pass
 
 
+def test_an_unreadable_run_json_is_named_and_kept(tmp_path):
+  # truncated JSON, no "fields", not an object: claim and stored_fields both refuse it by
+  # path, and the file is left as it was
+  for i, text in enumerate(('{"fields": {"a": 1}, "sha', '{"sha256": "x"}', '[1, 2]')):
+    wd = tmp_path / f"run{i}"
+    wd.mkdir()
+    (wd / "run.json").write_text(text)
+    for call in (lambda: workdir_lib.claim(str(wd), fields={"a": 1}).__enter__(),
+                 lambda: workdir_lib.stored_fields(str(wd))):
+      with pytest.raises(workdir_lib.WorkdirError, match=f"run{i}/run.json is unreadable"):
+        call()
+    assert (wd / "run.json").read_text() == text
+
+
 # --------------------------------------------------------------------------- end to end
 
 KILLER = textwrap.dedent("""
