@@ -63,6 +63,9 @@ def accuracy(probs_BxC, labels_B) -> float:
 def top_k_accuracy(probs_BxC, labels_B, *, k: int) -> float:
   """Fraction of rows whose label is among the k highest scores (any scores)."""
   probs, labels = _check(probs_BxC, labels_B, scores_ok=True)
+  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= probs.shape[1]:
+    raise ValueError(f"k must be an integer from 1 to the number of classes "
+                     f"({probs.shape[1]}), got {k!r}.")
   topk = np.argsort(-probs, axis=-1)[:, :k]
   return float(np.mean((topk == labels[:, None]).any(-1)))
 
@@ -79,12 +82,13 @@ def ece(probs_BxC, labels_B, *, num_bins: int = 15) -> float:
 
   Bins are (lo, hi]; ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
   """
+  if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+    raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}.")
   probs, labels = _check(probs_BxC, labels_B)
   conf = probs.max(-1)
   correct = (probs.argmax(-1) == labels).astype(np.float64)
   edges = np.linspace(0.0, 1.0, num_bins + 1)
   bin_ids = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, num_bins - 1)
-  counts = np.bincount(bin_ids, minlength=num_bins)
   conf_sum = np.bincount(bin_ids, weights=conf, minlength=num_bins)
   acc_sum = np.bincount(bin_ids, weights=correct, minlength=num_bins)
   return float(np.sum(np.abs(acc_sum - conf_sum)) / len(labels))

@@ -557,8 +557,9 @@ def align_group(trained: Sequence[tuple[Any, PyTree]], inputs: Sequence[Mapping[
   if classify_with_heads:  # for context: the usual classifier ensemble of the own heads
     probs = np.mean([np.asarray(jax.nn.softmax(scale * classify(e["test"], h)))
                      for e, h in zip(own, heads)], axis=0)
+    top5 = min(5, probs.shape[1])
     prob_avg = {"Acc@1": metrics.top_k_accuracy(probs, labels["test"], k=1),
-                "Acc@5": metrics.top_k_accuracy(probs, labels["test"], k=5)}
+                "Acc@5": metrics.top_k_accuracy(probs, labels["test"], k=top5)}
   return {"val_mP": val_mp, "best": names[best], "rows": rows,
           "own_heads_prob_average": prob_avg, "head_span": span,
           "frozen_leaves_unchanged": frozen_ok, "align_seconds": t_align}
