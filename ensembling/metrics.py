@@ -165,6 +165,11 @@ def mean_precision_at_k(query_emb_QxD, query_labels_Q, index_emb_NxD, index_labe
   if ql.shape != (len(q),) or xl.shape != (len(x),):
     raise ValueError(f"Labels must have shapes ({len(q)},) and ({len(x)},), got {ql.shape} "
                      f"and {xl.shape}.")
+  for name, a in (("query", q), ("index", x)):
+    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+    if len(bad):
+      raise ValueError(f"{name} embeddings have NaN or inf in row(s) {bad[:5].tolist()}"
+                       f"{' ...' if len(bad) > 5 else ''} of {len(a)}.")
   if exclude_self and len(q) != len(x):
     raise ValueError("exclude_self needs the query set to be the index set (same length).")
   kk = k + 1 if exclude_self else k
@@ -203,6 +208,7 @@ def mean_precision_at_k(query_emb_QxD, query_labels_Q, index_emb_NxD, index_labe
 def _top_k_fn(k: int):
   import jax
   return jax.jit(lambda a, b: jax.lax.top_k(a @ b.T, k)[1])
+
 
 def _average_ranks(x: np.ndarray) -> np.ndarray:
   """1-based ranks; tied values share the mean of the ranks they occupy."""

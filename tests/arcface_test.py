@@ -237,3 +237,9 @@ def test_mean_precision_at_k_perfect_and_errors():
     metrics.mean_precision_at_k(emb, labels, emb[:, :2], labels)
   with pytest.raises(ValueError, match="out of range"):
     metrics.mean_precision_at_k(emb, labels, emb[:3], labels[:3], k=5)
+  nan = emb.copy()
+  nan[[4, 17]] = np.nan  # NaN rows would rank arbitrarily among the cosine similarities
+  with pytest.raises(ValueError, match=r"index embeddings have NaN or inf in row\(s\) \[4, 17\]"):
+    metrics.mean_precision_at_k(emb, labels, nan, labels)
+  with pytest.raises(ValueError, match=r"query embeddings have NaN or inf in row\(s\) \[4, 17\]"):
+    metrics.mean_precision_at_k(nan, labels, emb, labels)
