@@ -106,8 +106,18 @@ def index(stacked: PyTree, i: int) -> PyTree:
 
 
 def take(stacked: PyTree, indices) -> PyTree:
-  """The members at `indices` (a sequence of ints), still stacked."""
-  idx = jnp.asarray(indices, dtype=jnp.int32)
+  """The members at `indices` (a non-empty sequence of ints in [-K, K)), still stacked.
+
+  Indices are checked here because a JAX gather clamps out-of-range ones silently.
+  """
+  k = num_members(stacked)
+  idx = np.asarray(indices)
+  if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
+    raise ValueError(f"indices must be a non-empty 1-d sequence of ints, got {indices!r}.")
+  out = idx[(idx < -k) | (idx >= k)]
+  if out.size:
+    raise IndexError(f"Member indices {out.tolist()} out of range for {k} members.")
+  idx = jnp.asarray(idx, dtype=jnp.int32)
   return jax.tree.map(lambda x: x[idx], stacked)
 
 

@@ -23,6 +23,13 @@ def test_stack_unstack_index_roundtrip():
   chex.assert_trees_all_equal(tree_lib.take(stacked, [2, 0]), tree_lib.stack([trees[2], trees[0]]))
   with pytest.raises(IndexError):
     tree_lib.index(stacked, 3)
+  chex.assert_trees_all_equal(tree_lib.take(stacked, np.array([-1])), tree_lib.stack([trees[2]]))
+  for bad in ([3], [0, -4]):  # a bare JAX gather would clamp these to member 2 / 0
+    with pytest.raises(IndexError, match=r"out of range for 3 members"):
+      tree_lib.take(stacked, bad)
+  for bad in ([], [0.0, 1.0], [[0, 1]]):
+    with pytest.raises(ValueError, match="non-empty 1-d sequence of ints"):
+      tree_lib.take(stacked, bad)
 
 
 def test_weighted_sum_mean_interpolate_against_numpy():
