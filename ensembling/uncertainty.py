@@ -39,6 +39,10 @@ def _members(probs) -> np.ndarray:
   if p.ndim != 3 or 0 in p.shape:
     raise ValueError(f"Expected probabilities of shape (N, C) or (K, N, C), got "
                      f"{np.shape(probs)}.")
+  finite = np.isfinite(p).reshape(p.shape[0], -1).all(axis=1)
+  if not finite.all():
+    raise ValueError(f"Member(s) {np.flatnonzero(~finite).tolist()} of {len(finite)} have NaN "
+                     "or inf probabilities.")
   if (p < 0).any() or not np.allclose(p.sum(-1), 1.0, atol=1e-3):
     raise ValueError("Expected probabilities (non-negative, rows summing to 1); got "
                      "something else (logits? apply softmax first).")

@@ -85,6 +85,10 @@ def test_bad_inputs_raise():
     uncertainty.predictive_entropy(np.full((5,), 0.2))
   with pytest.raises(ValueError, match="logits"):
     uncertainty.predictive_entropy(np.random.default_rng(0).normal(size=(4, 3)))
+  nan = _probs(2, k=3)
+  nan[2, 1, 0] = np.nan  # not "logits?": the member with the NaN is named
+  with pytest.raises(ValueError, match=r"Member\(s\) \[2\] of 3 have NaN or inf"):
+    uncertainty.mutual_information(nan)
   with pytest.raises(ValueError, match="same model"):
     uncertainty.ood_report(_probs(0, k=3), _probs(1, k=2))
   with pytest.raises(ValueError, match="same model"):
