@@ -592,6 +592,11 @@ def held_out_batches(x, y, *, batch_size: int) -> list[dict[str, jax.Array]]:
   >>> [b["x"].shape[0] for b in held_out_batches(np.zeros((7, 2)), np.zeros(7), batch_size=3)]
   [3, 3]
   """
+  if len(x) == 0 or len(x) != len(y):
+    raise ValueError(f"held_out_batches needs as many labels as inputs, and at least one: got "
+                     f"{len(x)} inputs and {len(y)} labels.")
+  if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
   n = max(1, len(x) // int(batch_size))
   cut = lambda a, i: jnp.asarray(a[i * batch_size:(i + 1) * batch_size])
   return [{"x": cut(x, i), "y": cut(y, i)} for i in range(n)]

@@ -259,6 +259,13 @@ def test_held_out_batches_cover_the_data_in_order():
   assert [bb["y"].tolist() for bb in b] == [[0, 1, 2, 3], [4, 5, 6, 7]]
   assert [bb["y"].tolist() for bb in soups.held_out_batches(x, y, batch_size=20)] == [
       list(range(10))]
+  with pytest.raises(ValueError, match="got 10 inputs and 9 labels"):
+    soups.held_out_batches(x, y[:9], batch_size=4)
+  with pytest.raises(ValueError, match="got 0 inputs and 0 labels"):
+    soups.held_out_batches(x[:0], y[:0], batch_size=4)
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad}"):
+      soups.held_out_batches(x, y, batch_size=bad)
 
 
 @pytest.fixture(scope="module")
