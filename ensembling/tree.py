@@ -108,9 +108,12 @@ def index(stacked: PyTree, i: int) -> PyTree:
 def take(stacked: PyTree, indices) -> PyTree:
   """The members at `indices` (a non-empty sequence of ints in [-K, K)), still stacked.
 
-  Indices are checked here because a JAX gather clamps out-of-range ones silently.
+  Indices are checked here because a JAX gather clamps out-of-range ones silently
+  (traced indices, under `jax.jit`, cannot be checked and are taken as they are).
   """
   k = num_members(stacked)
+  if isinstance(indices, jax.core.Tracer):
+    return jax.tree.map(lambda x: x[indices], stacked)
   idx = np.asarray(indices)
   if idx.ndim != 1 or idx.size == 0 or not np.issubdtype(idx.dtype, np.integer):
     raise ValueError(f"indices must be a non-empty 1-d sequence of ints, got {indices!r}.")

@@ -1,4 +1,5 @@
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +31,8 @@ def test_stack_unstack_index_roundtrip():
   for bad in ([], [0.0, 1.0], [[0, 1]]):
     with pytest.raises(ValueError, match="non-empty 1-d sequence of ints"):
       tree_lib.take(stacked, bad)
+  jitted = jax.jit(lambda idx: tree_lib.take(stacked, idx))(jnp.array([1, 2]))
+  chex.assert_trees_all_equal(jitted, tree_lib.stack([trees[1], trees[2]]))
 
 
 def test_weighted_sum_mean_interpolate_against_numpy():
