@@ -243,3 +243,17 @@ def test_mean_precision_at_k_perfect_and_errors():
     metrics.mean_precision_at_k(emb, labels, nan, labels)
   with pytest.raises(ValueError, match=r"query embeddings have NaN or inf in row\(s\) \[4, 17\]"):
     metrics.mean_precision_at_k(nan, labels, emb, labels)
+
+
+def test_softmax_cross_entropy_matches_loop_and_refuses_labels_out_of_range():
+  rng = np.random.default_rng(3)
+  logits, labels = rng.normal(size=(6, 4)), rng.integers(0, 4, 6)
+  want = np.mean([np.log(np.exp(r).sum()) - r[y] for r, y in zip(logits, labels)])
+  np.testing.assert_allclose(losses.softmax_cross_entropy(jnp.asarray(logits), labels), want,
+                             rtol=1e-5)
+  bad = labels.copy()
+  bad[[1, 4]] = [4, -1]  # a one-hot of zeros: the row would add nothing to the loss
+  with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\); found \[-1, 4\]"):
+    losses.softmax_cross_entropy(jnp.asarray(logits), bad)
+  traced = jax.jit(losses.softmax_cross_entropy)(jnp.asarray(logits), jnp.asarray(labels))
+  np.testing.assert_allclose(traced, want, rtol=1e-5)  # under jit: taken as they are
