@@ -10,17 +10,14 @@ def softmax_cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
   """Mean cross-entropy of integer labels under softmax(logits).
 
-  Concrete labels are checked to lie in [0, C); traced ones (inside `jax.jit`) cannot
+  Concrete labels are checked to be integers in [0, C) (`data.check_labels`); traced ones (inside `jax.jit`) cannot
   be, and a label outside would one-hot to zeros and add nothing to the loss, so
   training checks its labels before any step (`data.check_labels`).
   """
   num_classes = logits_BxC.shape[-1]
   if not isinstance(labels_B, jax.core.Tracer):
-    labels = np.asarray(labels_B)
-    bad = (labels < 0) | (labels >= num_classes)
-    if labels.size and bad.any():
-      raise ValueError(f"labels must lie in [0, {num_classes}); found "
-                       f"{np.unique(labels[bad])[:5].tolist()} ({int(bad.sum())} examples).")
+    from ensembling.data.core import check_labels
+    check_labels(np.ravel(labels_B), num_classes=num_classes)
   targets = jax.nn.one_hot(labels_B, num_classes)
   if label_smoothing:
     targets = optax.smooth_labels(targets, label_smoothing)

@@ -24,10 +24,7 @@ def check_probs(probs_BxC, *, what: str = "probs", atol: float = 1e-3) -> np.nda
   probs = np.asarray(probs_BxC, np.float64)
   if probs.ndim != 2:
     raise ValueError(f"{what} must be (B, C) probabilities, got shape {probs.shape}.")
-  bad_rows = np.flatnonzero(~np.isfinite(probs).all(axis=1))
-  if len(bad_rows):
-    raise ValueError(f"{what} has NaN or inf in row(s) {bad_rows[:5].tolist()}"
-                     f"{' ...' if len(bad_rows) > 5 else ''} of {len(probs)}.")
+  _check_finite_rows(probs, f"{what} has")
   sums = probs.sum(axis=1)
   if (probs < 0).any() or not np.allclose(sums, 1.0, atol=atol):
     hint = (" They look like logits: apply a softmax first (`ensemble.members_probs`), or use "
@@ -37,15 +34,21 @@ def check_probs(probs_BxC, *, what: str = "probs", atol: float = 1e-3) -> np.nda
   return probs
 
 
+def _check_finite_rows(a_NxD: np.ndarray, subject: str) -> None:
+  """A ValueError "<subject> NaN or inf in row(s) [...] of N." if any row is not finite."""
+  bad = np.flatnonzero(~np.isfinite(a_NxD).all(axis=1))
+  if len(bad):
+    raise ValueError(f"{subject} NaN or inf in row(s) {bad[:5].tolist()}"
+                     f"{' ...' if len(bad) > 5 else ''} of {len(a_NxD)}.")
+
+
 def _check(probs, labels, *, scores_ok: bool = False):
   from ensembling.data.core import check_labels
   if scores_ok:  # only the order within a row matters: any finite scores will do
     probs = np.asarray(probs, np.float64)
     if probs.ndim != 2:
       raise ValueError(f"scores must be (B, C), got shape {probs.shape}.")
-    bad = np.flatnonzero(~np.isfinite(probs).all(axis=1))
-    if len(bad):
-      raise ValueError(f"scores have NaN or inf in row(s) {bad[:5].tolist()} of {len(probs)}.")
+    _check_finite_rows(probs, "scores have")
   else:
     probs = check_probs(probs)
   labels = np.asarray(labels)
@@ -165,11 +168,8 @@ def mean_precision_at_k(query_emb_QxD, query_labels_Q, index_emb_NxD, index_labe
   if ql.shape != (len(q),) or xl.shape != (len(x),):
     raise ValueError(f"Labels must have shapes ({len(q)},) and ({len(x)},), got {ql.shape} "
                      f"and {xl.shape}.")
-  for name, a in (("query", q), ("index", x)):
-    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
-    if len(bad):
-      raise ValueError(f"{name} embeddings have NaN or inf in row(s) {bad[:5].tolist()}"
-                       f"{' ...' if len(bad) > 5 else ''} of {len(a)}.")
+  _check_finite_rows(q, "query embeddings have")
+  _check_finite_rows(x, "index embeddings have")
   if exclude_self and len(q) != len(x):
     raise ValueError("exclude_self needs the query set to be the index set (same length).")
   kk = k + 1 if exclude_self else k

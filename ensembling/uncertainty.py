@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from ensembling import metrics
+from ensembling import metrics, tree
 
 _KL_EPS = 1e-12
 
@@ -39,7 +39,7 @@ def _members(probs) -> np.ndarray:
   if p.ndim != 3 or 0 in p.shape:
     raise ValueError(f"Expected probabilities of shape (N, C) or (K, N, C), got "
                      f"{np.shape(probs)}.")
-  finite = np.isfinite(p).reshape(p.shape[0], -1).all(axis=1)
+  finite = tree.finite_members(p)
   if not finite.all():
     raise ValueError(f"Member(s) {np.flatnonzero(~finite).tolist()} of {len(finite)} have NaN "
                      "or inf probabilities.")
