@@ -57,7 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import members, train
+from ensembling import checks, members, train
 from ensembling import tree as tree_lib
 from ensembling.data import shards as shards_lib
 
@@ -103,8 +103,7 @@ def _check_inputs(base: PyTree, experts, weights, tx, steps, pseudo_gradient
   """Validated (stacked experts, normalised weights (K,)); errors name the problem."""
   if not (hasattr(tx, "init") and hasattr(tx, "update")):
     raise TypeError(f"tx must be an optax.GradientTransformation, got {type(tx).__name__}.")
-  if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-    raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+  checks.integer(steps, name="steps")
   if pseudo_gradient not in PSEUDO_GRADIENTS:
     raise ValueError(f"Unknown pseudo_gradient {pseudo_gradient!r}; choose one of "
                      f"{PSEUDO_GRADIENTS}.")

@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import optax
 
-from ensembling import data, models, optim, schedules, train, trajectory
+from ensembling import checks, data, models, optim, schedules, train, trajectory
 from ensembling import workdir as workdir_lib
 
 SHARED_DATA = "../shared/data"   # the project's data folder, beside the repository
@@ -534,8 +534,10 @@ def validate(config) -> None:
   def integer(name, low):
     v = config.get(name)
     if v is not None:
-      need(isinstance(v, int) and not isinstance(v, bool) and v >= low,
-           f"{name} must be an integer >= {low}, got {v!r}")
+      try:
+        checks.integer(v, name=name, low=low)
+      except ValueError as e:
+        problems.append(str(e).rstrip("."))
 
   for name, low in (("members", 1), ("epochs", 1), ("batch_size", 1), ("eval_batch_size", 1),
                     ("seed", 0), ("eval_every_steps", 0), ("checkpoint_every_steps", 0)):

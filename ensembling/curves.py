@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import averaging, ensemble, losses, members, metrics, optim, train
+from ensembling import averaging, checks, ensemble, losses, members, metrics, optim, train
 from ensembling import tree as tree_lib
 from ensembling.models.contract import as_model
 
@@ -224,8 +224,7 @@ def fit_curve(model, start: PyTree, end: PyTree, x: np.ndarray, y: np.ndarray, *
   tree_lib.check_same_structure([start, end], what="end points (start, end)")
   if bend is not None:
     tree_lib.check_same_structure([start, bend], what="start and bend")
-  if isinstance(num_steps, bool) or int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+  checks.integer(num_steps, name="num_steps")
   _check_finite(start, "start")
   _check_finite(end, "end")
   init = midpoint(start, end) if bend is None else bend

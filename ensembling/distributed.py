@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from ensembling import checks
+
 PyTree = Any
 log = logging.getLogger(__name__)
 
@@ -34,17 +36,13 @@ class DistributedError(RuntimeError):
 
 def check_settings(*, coordinator: str, num_processes: int, process_id: int) -> bool:
   """Whether the settings ask for several processes; a ValueError when they are invalid."""
-  if isinstance(num_processes, bool) or int(num_processes) != num_processes or num_processes < 1:
-    raise ValueError(f"distributed.num_processes must be an integer >= 1, got {num_processes!r}.")
+  num_processes = checks.integer(num_processes, name="distributed.num_processes")
   if num_processes == 1:
     return False
   if not re.fullmatch(r"[\w.\-\[\]:]+:\d+", coordinator or ""):
     raise ValueError(f"distributed.coordinator must be host:port (e.g. 127.0.0.1:12355), got "
                      f"{coordinator!r}.")
-  if isinstance(process_id, bool) or int(process_id) != process_id or not (
-      0 <= process_id < num_processes):
-    raise ValueError(f"distributed.process_id must be in [0, {num_processes}), got "
-                     f"{process_id!r}.")
+  checks.integer(process_id, name="distributed.process_id", low=0, high=num_processes - 1)
   return True
 
 

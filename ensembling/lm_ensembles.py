@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import members, metrics, supernet, text, train
+from ensembling import checks, members, metrics, supernet, text, train
 from ensembling.models import bert
 from ensembling.models.linear import apply_linear, init_linear
 
@@ -156,8 +156,7 @@ def finetune_init(key: jax.Array, params: Mapping[str, Any], cfg: bert.BertConfi
   Returns:
     (`bert.Bert(cfg_L, pooling=pooling, num_classes=C)`, {"params": stacked (K, ...)}).
   """
-  if isinstance(num_classes, bool) or int(num_classes) < 2:
-    raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
+  checks.integer(num_classes, name="num_classes", low=2)
   k = members.check_num_members(num_members)
   enc, cfg_l = truncate({n: v for n, v in params.items() if n != "head"}, cfg, num_layers)
   model = bert.Bert(cfg_l, pooling=pooling, num_classes=int(num_classes))

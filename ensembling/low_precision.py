@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensembling import ensemble, metrics
+from ensembling import checks, ensemble, metrics
 from ensembling import tree as tree_lib
 
 PyTree = Any
@@ -60,10 +60,7 @@ DEFAULT_KEEP = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)(bn|norm|BatchNorm|LayerNo
 
 def check_bits(bits) -> int:
   """`bits` as an int in [3, 8], or a ValueError naming it."""
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
-      MIN_BITS <= int(bits) <= MAX_BITS):
-    raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.")
-  return int(bits)
+  return checks.integer(bits, name="bits", low=MIN_BITS, high=MAX_BITS)
 
 
 def levels(bits: int) -> int:
@@ -207,9 +204,8 @@ def members(key: jax.Array, params: PyTree, *, num_members: int, bits: int,
   Returns:
     A tree with a leading member axis of size M on every leaf (`params_M`).
   """
-  if isinstance(num_members, bool) or int(num_members) != num_members or num_members < 1:
-    raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}.")
-  return _members(jax.random.split(key, int(num_members)), params, bits=bits, keep=keep)
+  num_members = checks.integer(num_members, name="num_members")
+  return _members(jax.random.split(key, num_members), params, bits=bits, keep=keep)
 
 
 def memory_bits(params: PyTree, *, bits: int | None,

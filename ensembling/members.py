@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ensembling import losses
+from ensembling import checks, losses
 from ensembling import tree as tree_lib
 from ensembling.models.contract import as_model
 
@@ -56,9 +56,7 @@ MEMBER_AXIS = "members"
 
 def check_num_members(num_members) -> int:
   """`num_members` as an int >= 1, or a ValueError naming it."""
-  if isinstance(num_members, bool) or int(num_members) != num_members or num_members < 1:
-    raise ValueError(f"num_members must be an integer >= 1, got {num_members!r}.")
-  return int(num_members)
+  return checks.integer(num_members, name="num_members")
 
 
 def init_members(key: jax.Array, model, sample_input, num_members: int) -> PyTree:

@@ -12,6 +12,8 @@ import functools
 
 import numpy as np
 
+from ensembling import checks
+
 _EPS = 1e-12
 
 
@@ -66,9 +68,7 @@ def accuracy(probs_BxC, labels_B) -> float:
 def top_k_accuracy(probs_BxC, labels_B, *, k: int) -> float:
   """Fraction of rows whose label is among the k highest scores (any scores)."""
   probs, labels = _check(probs_BxC, labels_B, scores_ok=True)
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= probs.shape[1]:
-    raise ValueError(f"k must be an integer from 1 to the number of classes "
-                     f"({probs.shape[1]}), got {k!r}.")
+  k = checks.integer(k, name="k (at most the number of classes)", high=probs.shape[1])
   topk = np.argsort(-probs, axis=-1)[:, :k]
   return float(np.mean((topk == labels[:, None]).any(-1)))
 
@@ -85,8 +85,7 @@ def ece(probs_BxC, labels_B, *, num_bins: int = 15) -> float:
 
   Bins are (lo, hi]; ECE = sum_b |B_b|/N * |acc(B_b) - conf(B_b)|.
   """
-  if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-    raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}.")
+  num_bins = checks.integer(num_bins, name="num_bins")
   probs, labels = _check(probs_BxC, labels_B)
   conf = probs.max(-1)
   correct = (probs.argmax(-1) == labels).astype(np.float64)

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ensembling import checks
+
 
 def warmup_cosine(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
                   end_lr: float = 0.0) -> optax.Schedule:
@@ -28,8 +30,7 @@ def warmup_cosine(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
 
 def _check_positive(**values):
   for name, v in values.items():
-    if int(v) != v or v <= 0:
-      raise ValueError(f"{name} must be a positive integer, got {v!r}.")
+    checks.integer(v, name=name)
 
 
 def cycle_length(total_steps: int, num_cycles: int) -> int:

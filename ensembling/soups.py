@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import losses, members, optim, train
+from ensembling import checks, losses, members, optim, train
 from ensembling import tree as tree_lib
 from ensembling.data import augment
 from ensembling.models.contract import as_model
@@ -595,8 +595,7 @@ def held_out_batches(x, y, *, batch_size: int) -> list[dict[str, jax.Array]]:
   if len(x) == 0 or len(x) != len(y):
     raise ValueError(f"held_out_batches needs as many labels as inputs, and at least one: got "
                      f"{len(x)} inputs and {len(y)} labels.")
-  if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+  batch_size = checks.integer(batch_size, name="batch_size")
   n = max(1, len(x) // int(batch_size))
   cut = lambda a, i: jnp.asarray(a[i * batch_size:(i + 1) * batch_size])
   return [{"x": cut(x, i), "y": cut(y, i)} for i in range(n)]

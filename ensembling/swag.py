@@ -47,7 +47,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from ensembling import train, trajectory
+from ensembling import checks, train, trajectory
 from ensembling import tree as tree_lib
 
 PyTree = Any
@@ -57,10 +57,15 @@ VAR_CLAMP = 1e-30  # the reference implementation's floor on the diagonal varian
 # --------------------------------------------------------------------------- moments
 
 def _check_rank(rank, what="rank"):
-  if isinstance(rank, bool) or int(rank) != rank or rank < 0 or rank == 1:
-    raise ValueError(f"{what} must be 0 (SWAG-Diagonal) or an integer >= 2 (the low-rank part "
-                     f"divides by rank - 1), got {rank!r}.")
-  return int(rank)
+  message = (f"{what} must be 0 (SWAG-Diagonal) or an integer >= 2 (the low-rank part "
+             f"divides by rank - 1), got {rank!r}.")
+  try:
+    r = checks.integer(rank, name=what, low=0)
+  except ValueError:
+    raise ValueError(message) from None
+  if r == 1:
+    raise ValueError(message)
+  return r
 
 
 def init_state(params: PyTree, *, rank: int, stacked: bool = False) -> dict:
@@ -265,8 +270,7 @@ def sample(key: jax.Array, state: dict, *, num_samples: int, rank: int,
   Returns:
     Parameters with a leading axis of size S (member axis first, like an ensemble).
   """
-  if isinstance(num_samples, bool) or int(num_samples) != num_samples or num_samples < 1:
-    raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}.")
+  num_samples = checks.integer(num_samples, name="num_samples")
   if not scale >= 0:
     raise ValueError(f"scale must be >= 0, got {scale}.")
   cols = deviation_columns(state, rank=rank)

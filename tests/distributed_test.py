@@ -58,7 +58,7 @@ def test_two_processes_equal_one(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (("--config.distributed.num_processes=2", "--config.distributed.process_id=2",
-      "--config.distributed.coordinator=127.0.0.1:1"), r"process_id must be in \[0, 2\)"),
+      "--config.distributed.coordinator=127.0.0.1:1"), r"process_id must be an integer in \[0, 1\]"),
     (("--config.distributed.num_processes=2", "--config.distributed.process_id=1",
       "--config.distributed.timeout=3", "--config.distributed.coordinator=127.0.0.1:{port}"),
      "nothing answers at the coordinator"),

@@ -263,8 +263,8 @@ def test_held_out_batches_cover_the_data_in_order():
     soups.held_out_batches(x, y[:9], batch_size=4)
   with pytest.raises(ValueError, match="got 0 inputs and 0 labels"):
     soups.held_out_batches(x[:0], y[:0], batch_size=4)
-  for bad in (0, 2.5):
-    with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {bad}"):
+  for bad in (0, 2.5, 2.0):  # 2.0 had passed the check, then failed in slicing (TypeError)
+    with pytest.raises(ValueError, match=f"batch_size must be an integer >= 1, got {bad}"):
       soups.held_out_batches(x, y, batch_size=bad)
 
 

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ensembling import checks
+
 DATA_KEYS = ("name", "source", "dir", "validation_size", "limit_train", "max_features",
              "split_seed")
 SOURCES = ("", "builtin", "idx", "tfds")
@@ -164,13 +166,10 @@ def check_data_config(data_config: Mapping[str, Any]) -> dict[str, Any]:
                      + f"; built-in: {known}. For a tfds dataset prepared on disk set "
                      "data.source='tfds'.")
   limit = cfg.get("limit_train", 0) or 0
-  if isinstance(limit, bool) or int(limit) != limit or limit < 0:
-    raise ValueError(f"data.limit_train must be an integer >= 0 (0: all), got {limit!r}.")
+  checks.integer(limit, name="data.limit_train", low=0)
   validation_count(cfg.get("validation_size", 0.1), 10**9)  # the rule, not the range
   split_seed = cfg.get("split_seed", -1)
-  if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < -1:
-    raise ValueError(f"data.split_seed must be an integer >= 0, or -1 for the run's seed; "
-                     f"got {split_seed!r}.")
+  checks.integer(split_seed, name="data.split_seed (-1: the run's seed)", low=-1)
   cfg["name"] = name
   return cfg
 

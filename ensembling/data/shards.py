@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from ensembling import checks
 from ensembling.data.core import batch_indices_fn, check_labels
 
 
@@ -67,8 +68,7 @@ def class_skewed_shards(labels, *, num_shards: int, num_classes: int,
   [[4, 2, 2, 2], [2, 4, 2, 2]]
   """
   y = check_labels(labels, num_classes=num_classes)
-  if not isinstance(num_shards, (int, np.integer)) or num_shards < 1:
-    raise ValueError(f"num_shards must be an integer >= 1, got {num_shards!r}.")
+  num_shards = checks.integer(num_shards, name="num_shards")
   if not 1 <= dominant_per_shard <= num_classes:
     raise ValueError(f"dominant_per_shard must be in [1, {num_classes}], got "
                      f"{dominant_per_shard}.")

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ensembling import checks
 from ensembling.models.common import Output
 
 Initializer = Callable[..., jax.Array]
@@ -57,8 +58,7 @@ def fast_weight_init(random_sign_init: float = -0.5) -> Initializer:
 
 
 def _check_members(num_members: int) -> None:
-  if not isinstance(num_members, int) or num_members < 1:
-    raise ValueError(f"num_members (ensemble size) must be an integer >= 1, got {num_members!r}.")
+  checks.integer(num_members, name="num_members (ensemble size)")
 
 
 def _split(x: jax.Array, num_members: int, name: str) -> jax.Array:
@@ -346,8 +346,7 @@ def _variables(tree):
 
 def _chunked(fn, variables, x, batch_size):
   """fn(variables, chunk) -> (K, b, C) over chunks of `batch_size`, concatenated on axis 1."""
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+  batch_size = checks.integer(batch_size, name="batch_size")
   outs = [np.asarray(fn(variables, jnp.asarray(x[i:i + batch_size])))
           for i in range(0, len(x), batch_size)]
   if not outs:

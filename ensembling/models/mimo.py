@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ensembling import checks
 from ensembling.models.common import Output
 
 
 def _check_members(num_members: int) -> None:
-  if not isinstance(num_members, int) or num_members < 1:
-    raise ValueError(f"num_members (ensemble size) must be an integer >= 1, got {num_members!r}.")
+  checks.integer(num_members, name="num_members (ensemble size)")
 
 
 def _check_input(x: jax.Array, num_members: int, min_ndim: int, name: str) -> None:
@@ -89,8 +89,7 @@ def mimo_batch(key, x, y, *, num_members: int, repeat_prob: float = 0.0,
   _check_members(num_members)
   if not 0.0 <= repeat_prob <= 1.0:
     raise ValueError(f"repeat_prob must be in [0, 1], got {repeat_prob}.")
-  if not isinstance(batch_repetitions, int) or batch_repetitions < 1:
-    raise ValueError(f"batch_repetitions must be an integer >= 1, got {batch_repetitions!r}.")
+  checks.integer(batch_repetitions, name="batch_repetitions")
   x, y = jnp.asarray(x), jnp.asarray(y)
   if x.ndim < 1 or y.ndim < 1 or x.shape[0] != y.shape[0]:
     raise ValueError(f"x and y must share the batch axis, got {x.shape} and {y.shape}.")

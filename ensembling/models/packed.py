@@ -27,17 +27,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ensembling import checks
 from ensembling.models.common import Output
 
 
 def _check_packing(num_estimators, alpha, gamma) -> None:
-  if not isinstance(num_estimators, int) or num_estimators < 1:
-    raise ValueError(f"num_estimators (ensemble size M) must be an integer >= 1, got "
-                     f"{num_estimators!r}.")
+  checks.integer(num_estimators, name="num_estimators (ensemble size M)")
   if not alpha > 0:
     raise ValueError(f"alpha (width factor) must be > 0, got {alpha!r}.")
-  if not isinstance(gamma, int) or gamma < 1:
-    raise ValueError(f"gamma (groups per estimator) must be an integer >= 1, got {gamma!r}.")
+  checks.integer(gamma, name="gamma (groups per estimator)")
 
 
 def packed_width(features: int, *, num_estimators: int, alpha: float, gamma: int = 1,
