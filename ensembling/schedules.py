@@ -12,8 +12,7 @@ from ensembling import checks
 def warmup_cosine(base_lr: float, total_steps: int, *, warmup_steps: int = 0,
                   end_lr: float = 0.0) -> optax.Schedule:
   """Linear warm-up from 0, then cosine decay to `end_lr` at `total_steps`."""
-  if total_steps <= 0:
-    raise ValueError(f"total_steps must be positive, got {total_steps}.")
+  checks.integer(total_steps, name="total_steps")
   if warmup_steps:
     return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps,
                                               max(total_steps, warmup_steps + 1), end_lr)
@@ -145,8 +144,7 @@ def swa_schedule(base_lr: float, swa_lr: float, *, anneal_steps: int,
   """
   if anneal not in ("cos", "linear"):
     raise ValueError(f"anneal must be 'cos' or 'linear', got {anneal!r}.")
-  if anneal_steps < 0:
-    raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}.")
+  checks.integer(anneal_steps, name="anneal_steps", low=0)
   if anneal_steps == 0:
     return optax.constant_schedule(swa_lr)
   if anneal == "linear":
@@ -175,8 +173,7 @@ def after_pretraining(schedule: optax.Schedule, *, pretrain_steps: int,
   `schedule` sees its own step count starting at 0 (`optax.join_schedules`). Shift
   its collection steps with `offset_steps(steps, pretrain_steps)`.
   """
-  if pretrain_steps < 0:
-    raise ValueError(f"pretrain_steps must be >= 0, got {pretrain_steps}.")
+  checks.integer(pretrain_steps, name="pretrain_steps", low=0)
   if pretrain_steps == 0:
     return schedule
   if not callable(pretrain_schedule):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ensembling import checks, distributed, members, metrics, schedules, soups
@@ -46,6 +47,11 @@ CALLS = {
     "metrics.ece num_bins": lambda n: metrics.ece(p, y, num_bins=n),
     "metrics.top_k_accuracy k": lambda n: metrics.top_k_accuracy(p, y, k=n),
     "schedules.cycle_length": lambda n: schedules.cycle_length(8, n),
+    "schedules.warmup_cosine": lambda n: schedules.warmup_cosine(0.1, n),
+    "schedules.swa_schedule anneal_steps": lambda n: schedules.swa_schedule(0.1, 0.01,
+                                                                            anneal_steps=n),
+    "schedules.after_pretraining": lambda n: schedules.after_pretraining(
+        optax.constant_schedule(0.1), pretrain_steps=n, pretrain_schedule=0.2),
     "soups.held_out_batches": lambda n: soups.held_out_batches(p, y, batch_size=n),
     "shards.class_skewed_shards": lambda n: shards.class_skewed_shards(
         y, num_shards=n, num_classes=4, dominant_per_shard=1, dominant_fraction=0.4,

@@ -14,6 +14,7 @@ import tarfile
 
 import numpy as np
 
+from ensembling import checks
 from ensembling.data.core import Splits, carve_validation
 
 ARCHIVE = "20news-bydate-repacked.tar.gz"
@@ -136,8 +137,8 @@ def domain_texts(raw: dict[str, tuple[list[str], list[str]]], *, train_per_domai
   unknown = sorted(set(domains) - set(DOMAINS))
   if unknown:
     raise ValueError(f"Unknown domain(s) {unknown}; choose from {DOMAINS}.")
-  if train_per_domain < 0 or test_per_domain < 0:
-    raise ValueError("train_per_domain and test_per_domain must be >= 0 (0: all).")
+  for name, v in (("train_per_domain", train_per_domain), ("test_per_domain", test_per_domain)):
+    checks.integer(v, name=f"{name} (0: all)", low=0)
   rng = np.random.default_rng(seed)
   out = {d: {} for d in domains}
   for split, limit in (("train", train_per_domain), ("test", test_per_domain)):

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ensembling import checks
 from ensembling import tree as tree_lib
 from ensembling.models.common import Output
 
@@ -295,8 +296,7 @@ def check_adapter_args(cfg: BertConfig, lora_rank: int, adapter_size: int,
                        adapter_start: int) -> None:
   """Clear errors for negative sizes or a first adapted layer outside [0, num_layers)."""
   for name, v in (("lora_rank", lora_rank), ("adapter_size", adapter_size)):
-    if v < 0:
-      raise ValueError(f"{name} must be >= 0, got {v}.")
+    checks.integer(v, name=name, low=0)
   if not 0 <= adapter_start < cfg.num_layers:
     raise ValueError(f"adapter_start must be in [0, {cfg.num_layers}), got {adapter_start}.")
 
