@@ -18,7 +18,9 @@ member 0.8943, softmax voting 0.8966, SuperNet 0.8992 (0.8988 / 0.8988 for head 
 above, `,noboost`): best member 0.8616, voting 0.8628, SuperNet 0.8973; on all the data,
 6 epochs: 0.9244, 0.9249, 0.9356; one member alone for 20 epochs (`members=1,epochs=20`):
 0.9383; two members for 20 epochs: 0.9375, voting 0.9407, SuperNet 0.9400 (no lead);
-four (two such runs joined by `members_from`): 0.9400, voting 0.9432, SuperNet 0.9413.
+four (two such runs joined by `members_from`): 0.9400, voting 0.9432, SuperNet 0.9413;
+six (three runs joined): 0.9400, voting 0.9431, SuperNet 0.9419 (the untrained head, the
+logit average, 0.9439).
 Full tables in docs/results_supernet.md and docs/results.md.
 """
 
