@@ -14,7 +14,7 @@ Array([2., 3.], dtype=float32)
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp

@@ -44,7 +44,6 @@ Array([1.5, 2.5], dtype=float32)
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax

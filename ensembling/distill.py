@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import data, members, train
+from ensembling import members, train
 from ensembling.models.contract import as_model
 
 PyTree = Any

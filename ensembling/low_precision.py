@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp

@@ -291,7 +291,6 @@ def encode_members(params_K: PyTree, cfg: bert.BertConfig, tokenizer,
   Returns:
     NumPy (K, N, D), row n the embedding of `sentences[n]`.
   """
-  k = jax.tree.leaves(params_K)[0].shape[0]
   if shared_layers:
     shared = ["embeddings"] + [f"layer_{i}" for i in range(shared_layers)]
     for name in shared:

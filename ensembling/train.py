@@ -34,7 +34,6 @@ import optax
 from tqdm import tqdm
 
 from ensembling import checkpoint, data, distributed, ensemble, losses, members, metrics, optim
-from ensembling import tree as tree_lib
 from ensembling.models.contract import as_model
 
 PyTree = Any

@@ -114,7 +114,6 @@ def run(config, workdir: str):
               strategy, combo, k, int(av.sum(1).min()))
         table[f"{strategy}/{combo}/k={k}"] = cell
         rows.append((f"{strategy} / {combo} / k={k}", cell))
-  own = np.eye(a, dtype=bool)[label]
   refs = {"no adapter (MLM head only)": ppl(lp_base),
           "own-domain adapter (oracle, in-domain)": ppl(lp[label, np.arange(len(test))]),
           "routing accuracy of top-1 (in-domain)": {

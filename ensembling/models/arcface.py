@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from ensembling import losses
 from ensembling.models.common import Output
