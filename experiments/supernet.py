@@ -46,6 +46,8 @@ def _heads(config, splits, model, res):
                    "softmax_voting": metrics.classification_metrics(
                        np.asarray(ensemble.average_probs(logits[:n])), y),
                    "majority_voting": metrics.accuracy(np.asarray(ensemble.vote(logits[:n])), y),
+                   "logit_average": metrics.classification_metrics(np.asarray(
+                       jax.nn.softmax(ensemble.average_logits(logits[:n]))), y),
                    "best_member": max(member_acc[:n]), "head_epoch": chosen["epoch"],
                    "head_history": hist})
   out.update(head_seconds_all_k=time.perf_counter() - t0, member_test_accuracy=member_acc,
@@ -120,6 +122,7 @@ def markdown(res, config) -> str:
         ("SuperNet", lambda r: r["supernet"]["accuracy"]),
         ("softmax voting", lambda r: r["softmax_voting"]["accuracy"]),
         ("majority voting", lambda r: r["majority_voting"]),
+        ("logit averaging", lambda r: r["logit_average"]["accuracy"]),
         ("SuperNet head epoch", lambda r: r["head_epoch"]),
         ("SuperNet NLL", lambda r: r["supernet"]["nll"]),
         ("softmax NLL", lambda r: r["softmax_voting"]["nll"])]]

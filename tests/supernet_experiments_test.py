@@ -64,6 +64,11 @@ def test_supernet_experiment(tmp_path):
   assert t12[0]["head_history"][0]["test_accuracy"] == pytest.approx(acc[0], abs=1e-6)
   for r in t12:
     assert r["best_member"] == max(acc[: r["members"]])
+    # The untrained copy_scaled head (member heads scaled by 1/K, run on the cached
+    # features) is the logit average computed from the cached logits: two paths, one answer.
+    assert r["head_history"][0]["test_accuracy"] == pytest.approx(
+        r["logit_average"]["accuracy"], abs=1e-6)
+    assert r["head_history"][0]["test_nll"] == pytest.approx(r["logit_average"]["nll"], rel=1e-4)
     assert r["head_epoch"] == config.supernet.head_epochs  # head_select = last
   # Table 5 describes Table 12's K-member heads and votes.
   assert res["table5"]["supernet"]["accuracy"] == pytest.approx(t12[-1]["supernet"]["accuracy"])
