@@ -10,9 +10,9 @@ def softmax_cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
   """Mean cross-entropy of integer labels under softmax(logits).
 
-  Concrete labels are checked to be integers in [0, C) (`data.check_labels`); traced ones (inside `jax.jit`) cannot
-  be, and a label outside would one-hot to zeros and add nothing to the loss, so
-  training checks its labels before any step (`data.check_labels`).
+  Concrete labels are checked to be integers in [0, C) (`data.check_labels`). Traced ones
+  (inside `jax.jit`) cannot be, and a label outside would one-hot to zeros and add
+  nothing to the loss, so training checks its labels before any step.
   """
   num_classes = logits_BxC.shape[-1]
   if not isinstance(labels_B, jax.core.Tracer):

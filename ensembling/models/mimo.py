@@ -25,11 +25,8 @@ import jax.numpy as jnp
 import optax
 
 from ensembling import checks
+from ensembling.models import batchensemble
 from ensembling.models.common import Output
-
-
-def _check_members(num_members: int) -> None:
-  checks.integer(num_members, name="num_members (ensemble size)")
 
 
 def _check_input(x: jax.Array, num_members: int, min_ndim: int, name: str) -> None:
@@ -52,7 +49,7 @@ def repeat_input(x, *, num_members: int) -> jax.Array:
   >>> repeat_input(jnp.zeros((5, 28, 28, 1)), num_members=3).shape
   (5, 3, 28, 28, 1)
   """
-  _check_members(num_members)
+  batchensemble._check_members(num_members)
   x = jnp.asarray(x)
   return jnp.repeat(x[:, None], num_members, axis=1)
 
@@ -86,7 +83,7 @@ def mimo_batch(key, x, y, *, num_members: int, repeat_prob: float = 0.0,
   >>> xm.shape, ym.shape
   ((8, 3, 4), (3, 8))
   """
-  _check_members(num_members)
+  batchensemble._check_members(num_members)
   if not 0.0 <= repeat_prob <= 1.0:
     raise ValueError(f"repeat_prob must be in [0, 1], got {repeat_prob}.")
   checks.integer(batch_repetitions, name="batch_repetitions")
@@ -130,7 +127,7 @@ class MIMOMLP(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Output:
     del train  # no dropout / BatchNorm
-    _check_members(self.num_members)
+    batchensemble._check_members(self.num_members)
     x = jnp.asarray(x)
     _check_input(x, self.num_members, 3, "MIMOMLP")
     h = x.reshape((x.shape[0], -1))
@@ -162,7 +159,7 @@ class MIMOCNN(nn.Module):
   @nn.compact
   def __call__(self, x, *, train: bool = False) -> Output:
     del train
-    _check_members(self.num_members)
+    batchensemble._check_members(self.num_members)
     x = jnp.asarray(x)
     if x.ndim != 5:
       raise ValueError(f"MIMOCNN expects (B, K, H, W, C) images, got shape {x.shape}.")
@@ -178,7 +175,7 @@ class MIMOCNN(nn.Module):
 
 
 # --------------------------------------------------------------------------- training
-# (shared helpers: batchensemble's ensemble-size lookup, label check and chunked predict)
+# (shared with batchensemble: its ensemble-size check and lookup, label check, chunked predict)
 
 def loss(logits_KxBxC, labels_KxB) -> jax.Array:
   """The heads' cross-entropies summed, averaged over the batch (the paper's and
@@ -191,7 +188,6 @@ def loss(logits_KxBxC, labels_KxB) -> jax.Array:
   Returns:
     A scalar.
   """
-  from ensembling.models import batchensemble
   batchensemble._check_member_logits(logits_KxBxC, labels_KxB, "mimo.loss")
   return optax.softmax_cross_entropy_with_integer_labels(logits_KxBxC, labels_KxB).mean(1).sum()
 
@@ -219,7 +215,6 @@ def train_step(state, batch, key, *, model, tx, num_members: int | None = None,
     (state, {"loss", "accuracy" (mean over heads), "grad_norm"}).
   """
   from ensembling import members
-  from ensembling.models import batchensemble
   k = batchensemble._num_members_of(model, num_members)
   if jnp.ndim(batch["y"]) != 1:
     raise ValueError(f"MIMO trains on a plain batch (x (B, ...), y (B,)); got y of shape "
@@ -244,7 +239,6 @@ def predict(model, variables, x, *, num_members: int | None = None, batch_size: 
   Returns:
     NumPy logits (K, N, C).
   """
-  from ensembling.models import batchensemble
   k = batchensemble._num_members_of(model, num_members)
   return batchensemble._chunked(_predict_fn(batchensemble._as_model(model), k),
                                 batchensemble._variables(variables), x, batch_size)
