@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import jax
 import jax.numpy as jnp
 
+from ensembling import members
 from ensembling import tree as tree_lib
 from ensembling.models.contract import as_model
 
@@ -104,8 +105,24 @@ def _check_momentum(momentum):
                      "(momentum 1): nothing to recompute.")
 
 
+def _over_models(fn, variables_K: PyTree, strategy: str):
+  """`fn(v, x, key, *rest)` of one model run for K stacked models on one shared batch.
+
+  'vmap' maps the models over the one batch; any other strategy
+  (`members.over_members`) gets the batch and key repeated along the member axis.
+  """
+  strategy = members.resolve_strategy(strategy, variables_K["params"])
+  if strategy == "vmap":
+    return jax.jit(lambda v, x, k, *rest: jax.vmap(lambda v1, *r: fn(v1, x, k, *r))(v, *rest))
+  num = members.num_members_in(variables_K["params"])
+  per_member = members.over_members(fn, strategy=strategy, num_members=num)
+  repeat = lambda a: jnp.broadcast_to(a, (num,) + a.shape)
+  return lambda v, x, k, *rest: per_member(v, repeat(x), repeat(k), *rest)
+
+
 def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
-                          stacked: bool = False, key: jax.Array | None = None) -> PyTree:
+                          stacked: bool = False, key: jax.Array | None = None,
+                          strategy: str = "auto") -> PyTree:
   """BatchNorm statistics recomputed for (e.g. averaged) weights: PyTorch `update_bn`.
 
   As `torch.optim.swa_utils.update_bn` does (momentum=None: a cumulative average),
@@ -126,6 +143,9 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
     stacked: `variables` carry a leading member axis.
     key: PRNG key for dropout (as in PyTorch, the pass runs in training mode); batch i
       uses fold_in(key, i); None means `jax.random.key(0)`.
+    strategy: with `stacked`, how the K models' passes run (`members.STRATEGIES`; 'auto'
+      as for training: on one CPU, convolutional models run one after the other in one
+      program, since vmapped convolutions are ~4x slower there; benchmarks/recalibration.py).
 
   Returns:
     `variables` with "batch_stats" replaced.
@@ -137,13 +157,11 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
   momentum_fn = lambda v, x, k: jax.tree.map(
       lambda a, z: a - z, _stats_after(m, v, x, k, 1.0), _stats_after(m, v, x, k, 0.0))
   stats_fn = functools.partial(batch_statistics, m)
+  one = lambda v, x, k, mom: stats_fn(v, x, key=k, momentum=mom)
   if stacked:
-    momentum_fn = jax.vmap(momentum_fn, in_axes=(0, None, None))
-    one = jax.vmap(lambda v, x, k, mom: stats_fn(v, x, key=k, momentum=mom),
-                   in_axes=(0, None, None, 0))
+    momentum_fn, one = (_over_models(f, variables, strategy) for f in (momentum_fn, one))
   else:
-    one = lambda v, x, k, mom: stats_fn(v, x, key=k, momentum=mom)
-  momentum_fn, one = jax.jit(momentum_fn), jax.jit(one)
+    momentum_fn, one = jax.jit(momentum_fn), jax.jit(one)
   running, momentum = None, None
   n = 0
   for i, batch in enumerate(batches):

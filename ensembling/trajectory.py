@@ -363,20 +363,21 @@ def fit(model, plan: Plan, x: np.ndarray, y: np.ndarray, *,
 
 def recalibrate(model, variables: PyTree, x: np.ndarray, *, batch_size: int,
                 num_examples: int = 0, key: jax.Array | None = None,
-                member_dims: int = 1) -> PyTree:
+                member_dims: int = 1, strategy: str = "auto") -> PyTree:
   """BN statistics of every model in `variables` recomputed on one pass over `x`.
 
   `variables` ({"params", "batch_stats"}) carry `member_dims` leading member axes (1:
   runs; 2: runs x snapshots); all models are recalibrated at once on the same batches
-  (`averaging.recompute_batch_stats`, PyTorch `update_bn` semantics), the first
-  `num_examples` examples (0: all) in order, the last incomplete batch dropped.
+  (`averaging.recompute_batch_stats`, PyTorch `update_bn` semantics, its `strategy`),
+  the first `num_examples` examples (0: all) in order, the last incomplete batch dropped.
   """
   n = int(num_examples) or len(x)
   lead = jax.tree.leaves(variables["params"])[0].shape[:member_dims]
   flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[member_dims:]),
                       members.variables_of(variables))
   batches = (x[i:i + batch_size] for i in range(0, (n // batch_size) * batch_size, batch_size))
-  out = averaging.recompute_batch_stats(model, flat, batches, stacked=True, key=key)
+  out = averaging.recompute_batch_stats(model, flat, batches, stacked=True, key=key,
+                                        strategy=strategy)
   return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
 
 

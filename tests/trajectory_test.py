@@ -288,7 +288,9 @@ def test_recompute_batch_stats_matches_update_bn():
   np.testing.assert_allclose(out_eval, out_train.logits, rtol=1e-4, atol=1e-4)
 
 
-def test_recompute_batch_stats_conv_momentum_099_and_stacked():
+@pytest.mark.parametrize("strategy", members.STRATEGIES)
+def test_recompute_batch_stats_conv_momentum_099_and_stacked(strategy):
+  # every strategy of running the stacked models ('auto' is 'unroll' on one CPU)
   class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x, *, train=False):
@@ -300,7 +302,7 @@ def test_recompute_batch_stats_conv_momentum_099_and_stacked():
   rng = np.random.default_rng(1)
   xs = [rng.normal(size=(6, 5, 5, 2)).astype(np.float32) + i for i in range(3)]
   v_K = jax.vmap(lambda k: m.init(k, xs[0], train=False))(jax.random.split(jax.random.key(0), 2))
-  got = averaging.recompute_batch_stats(m.apply, v_K, xs, stacked=True)
+  got = averaging.recompute_batch_stats(m.apply, v_K, xs, stacked=True, strategy=strategy)
   for k in range(2):
     vk = tree_lib.index(v_K, k)
     conv = lambda x: nn.Conv(4, (3, 3)).apply({"params": vk["params"]["Conv_0"]}, x)
@@ -315,6 +317,27 @@ def test_recompute_batch_stats_conv_momentum_099_and_stacked():
     chex.assert_trees_all_close(tree_lib.index(got["batch_stats"], k), one["batch_stats"],
                                 rtol=1e-6, atol=1e-7)
 
+
+@pytest.mark.parametrize("strategy", ["vmap", "unroll", "loop"])
+def test_recompute_batch_stats_stacked_shares_the_dropout_key(strategy):
+  # A training-mode pass with dropout: every stacked model sees batch i with the same
+  # dropout key fold_in(key, i), exactly as when recalibrated one by one.
+  model = models.MLP(widths=(16, 8), num_classes=3, dropout=0.5, batch_norm=True)
+  rng = np.random.default_rng(3)
+  xs = [rng.normal(size=(20, 6)).astype(np.float32) for _ in range(3)]
+  v_K = jax.vmap(lambda k: model.init(k, xs[0][:1], train=False))(
+      jax.random.split(jax.random.key(0), 3))
+  key = jax.random.key(7)
+  got = averaging.recompute_batch_stats(model, v_K, xs, stacked=True, key=key,
+                                        strategy=strategy)
+  for k in range(3):
+    one = averaging.recompute_batch_stats(model, tree_lib.index(v_K, k), xs, key=key)
+    chex.assert_trees_all_close(tree_lib.index(got["batch_stats"], k), one["batch_stats"],
+                                rtol=1e-5, atol=1e-6)
+  other = averaging.recompute_batch_stats(model, tree_lib.index(v_K, 0), xs,
+                                          key=jax.random.key(8))  # the key matters
+  assert not np.allclose(other["batch_stats"]["bn_1"]["mean"],  # bn_1 follows dropout
+                         got["batch_stats"]["bn_1"]["mean"][0])
 
 def test_recompute_batch_stats_errors():
   model = models.MLP(widths=(4,), num_classes=2)
