@@ -145,7 +145,7 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
       uses fold_in(key, i); None means `jax.random.key(0)`.
     strategy: with `stacked`, how the K models' passes run (`members.STRATEGIES`; 'auto'
       as for training: on one CPU, convolutional models run one after the other in one
-      program, since vmapped convolutions are ~4x slower there; benchmarks/recalibration.py).
+      program: vmapped convolutions were 5x slower there, benchmarks/recalibration.py).
 
   Returns:
     `variables` with "batch_stats" replaced.
