@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -97,6 +98,48 @@ def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(obj, f, indent=2, default=_to_builtin)
+
+
+def cached(path: str, *, key: str, compute: Callable[[], Any]) -> Any:
+  """`compute()`'s JSON-able result, stored at `path` with `key` and reused while it matches.
+
+  For evaluations that outlive a session: a rerun that finds `path` written under the
+  same `key` (derive it from everything the result depends on, e.g. `checkpoint.checksum`
+  of the evaluated weights and the data) returns the stored result without calling
+  `compute`. A file with another key, or one that does not parse, is recomputed and
+  overwritten (logged), never trusted. The stored value is the JSON round trip of the
+  computed one, so the first call returns that round trip too: both calls agree exactly.
+
+  Args:
+    path: the JSON file.
+    key: identifies what the result was computed from.
+    compute: produces the result (dicts, lists, numbers, strings, NumPy scalars/arrays).
+
+  Returns:
+    The result as plain Python values (NumPy arrays become lists).
+  """
+  if not key:
+    raise ValueError("cached: key must be a non-empty string.")
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        stored = json.load(f)
+      if not isinstance(stored, dict) or set(stored) != {"key", "value"}:
+        raise ValueError("not a {key, value} object")
+    except ValueError as e:  # json.JSONDecodeError is a ValueError
+      logging.warning("%s is unreadable (%s): recomputing.", path, e)
+    else:
+      if stored["key"] == key:
+        return stored["value"]
+      logging.info("%s was computed from other inputs: recomputing.", path)
+  value = json.loads(json.dumps(compute(), default=_to_builtin))
+  if _primary():
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump({"key": key, "value": value}, f)
+    os.replace(tmp, path)  # a crash mid-write leaves the old file or none, never half
+  return value
 
 
 def _to_builtin(x):

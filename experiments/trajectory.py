@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensembling import configlib, data, report, trajectory
+from ensembling import checkpoint, configlib, data, report, trajectory
 
 
 def _run_method(method, config, splits, model, workdir):
@@ -32,14 +32,32 @@ def _run_method(method, config, splits, model, workdir):
       strategy=config.members_strategy, eval_batch_size=int(config.eval_batch_size),
       star_reset_optimizer=bool(config.traj.star_reset_optimizer),
       progress=bool(config.progress))
-  rows = trajectory.evaluate(
-      model, run, splits.x_test, splits.y_test, recalibration_x=splits.x_train,
-      recalibration_batch_size=int(config.batch_size),
-      recalibration_examples=int(config.recalibration_examples),
-      recalibration_key=jax.random.key(int(config.seed)),
-      recalibrate_snapshots=bool(config.traj.recalibrate_snapshots),
-      batch_size=int(config.eval_batch_size), strategy=run.strategy)
+  kw = dict(recalibration_batch_size=int(config.batch_size),
+            recalibration_examples=int(config.recalibration_examples),
+            recalibrate_snapshots=bool(config.traj.recalibrate_snapshots),
+            batch_size=int(config.eval_batch_size), strategy=run.strategy)
+  # The rows are stored with what they were computed from, so a resumed run does not
+  # re-evaluate (and recalibrate) the methods that had finished.
+  key = checkpoint.checksum({"trained": (run.state, run.snapshots, run.average),
+                             "data": (splits.x_train, splits.x_test, splits.y_test),
+                             "seed": np.int64(config.seed), "settings": repr(sorted(kw.items()))})
+  rows = report.cached(
+      os.path.join(workdir, "rows.json"), key=key,
+      compute=lambda: trajectory.evaluate(
+          model, run, splits.x_test, splits.y_test, recalibration_x=splits.x_train,
+          recalibration_key=jax.random.key(int(config.seed)), **kw))
   return run, rows, spe
+
+
+def _markdown(splits, config, rows, pending=()):
+  head = (f"# Trajectory ensembles on {splits.name}: {config.model.name}, {config.epochs} "
+          f"epochs per method, mean ± std over {config.members} seeds (test split)\n\n")
+  if pending:
+    head += (f"**Partial**: {', '.join(rows)} done; {', '.join(pending)} not yet "
+             "(rerun the command to resume).\n\n")
+  return (head + report.seed_table(rows) + "\n`disagreement`: mean pairwise test "
+          "disagreement between the ensemble's members (snapshots, or the independent "
+          "seeds).\n")
 
 
 def _plot(path, runs, spe):
@@ -82,9 +100,13 @@ def run(config, workdir: str):
   splits = configlib.load_data(config)
   model = configlib.model_from_config(config.model, num_classes=splits.num_classes)
   runs, rows, spe = {}, {}, None
-  for method in config.methods:
+  partial = os.path.join(workdir, "results_partial.md")
+  for i, method in enumerate(config.methods):
     runs[method], rows[method], spe = _run_method(method, config, splits, model,
                                                   os.path.join(workdir, method))
+    if report._primary():
+      with open(partial, "w") as f:
+        f.write(_markdown(splits, config, rows, pending=config.methods[i + 1:]))
   out = {
       "data": splits.describe(), "model": config.model.to_dict(), "epochs": int(config.epochs),
       "seeds": int(config.members),
@@ -94,11 +116,9 @@ def run(config, workdir: str):
                       for row, ps in rs.items()} for m, rs in rows.items()},
       "snapshot_steps": {m: np.asarray(r.plan.snapshot_steps).tolist() for m, r in runs.items()},
   }
-  markdown = (f"# Trajectory ensembles on {splits.name}: {config.model.name}, {config.epochs} "
-              f"epochs per method, mean ± std over {config.members} seeds (test split)\n\n"
-              + report.seed_table(rows)
-              + "\n`disagreement`: mean pairwise test disagreement between the ensemble's "
-              "members (snapshots, or the independent seeds).\n")
+  markdown = _markdown(splits, config, rows)
+  if report._primary() and os.path.exists(partial):
+    os.remove(partial)  # results.md (written by main) supersedes it
   _plot(os.path.join(workdir, "trajectory.png"), runs, spe)
   for m, rs in rows.items():
     for row, ps in rs.items():

@@ -186,3 +186,44 @@ def test_adapter_composition_runlocal(tmp_path):
   # A routing that always picks the text's own adapter would reach the oracle exactly.
   routed = refs["routing accuracy of top-1 (in-domain)"]
   assert set(routed) == {"sentence", "tfidf", "entropy"} and all(0 <= v <= 1 for v in routed.values())
+
+
+def test_trajectory_partial_table_and_rows_reused_on_resume(tmp_path, monkeypatch):
+  """An interrupted run leaves the finished methods' table; a rerun re-evaluates only what
+  is new, and rows stored under other inputs (or unreadable) are recomputed, not trusted."""
+  from configs import swa
+  from ensembling import trajectory
+  from experiments import trajectory as experiment
+  config = swa.get_config("preset=digits,runlocal,methods=sgd+swa")
+  run_method = experiment._run_method
+
+  def interrupted(method, *args):
+    if method == "swa":
+      raise RuntimeError("interrupted")
+    return run_method(method, *args)
+
+  monkeypatch.setattr(experiment, "_run_method", interrupted)
+  with pytest.raises(RuntimeError, match="interrupted"):
+    main.run_experiment(config, str(tmp_path))
+  partial = open(tmp_path / "results_partial.md").read()
+  assert "**Partial**: sgd done; swa not yet" in partial
+  assert "independent ensemble of the" in partial and "SWA" not in partial
+  monkeypatch.setattr(experiment, "_run_method", run_method)
+
+  evaluated, evaluate = [], trajectory.evaluate
+  monkeypatch.setattr(trajectory, "evaluate",
+                      lambda model, run, *a, **k: evaluated.append(run.plan.method)
+                      or evaluate(model, run, *a, **k))
+  res = main.run_experiment(config, str(tmp_path))
+  assert evaluated == ["swa"]  # sgd's rows were stored by the interrupted run
+  assert not os.path.exists(tmp_path / "results_partial.md")
+  assert "SWA (BN recalibrated)" in open(tmp_path / "results.md").read()
+  assert main.run_experiment(config, str(tmp_path)) == res and evaluated == ["swa"]
+
+  # Rows stored for other weights, or a damaged file: evaluated again, same numbers.
+  stored = json.load(open(tmp_path / "sgd" / "rows.json"))
+  json.dump({"key": "0" * 64, "value": stored["value"]}, open(tmp_path / "sgd" / "rows.json", "w"))
+  open(tmp_path / "swa" / "rows.json", "w").write('{"key": "trunc')
+  assert main.run_experiment(config, str(tmp_path)) == res
+  assert evaluated == ["swa", "sgd", "swa"]
+  assert json.load(open(tmp_path / "sgd" / "rows.json")) == stored
