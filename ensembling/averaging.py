@@ -105,19 +105,29 @@ def _check_momentum(momentum):
                      "(momentum 1): nothing to recompute.")
 
 
-def _over_models(fn, variables_K: PyTree, strategy: str):
-  """`fn(v, x, key, *rest)` of one model run for K stacked models on one shared batch.
+def _over_models(fn, strategy: str, num: int):
+  """`fn(v, x, key, *rest)` of one model run for `num` stacked models on one shared batch.
 
-  'vmap' maps the models over the one batch; any other strategy
+  'vmap' maps the models over the one batch; any other (resolved) strategy
   (`members.over_members`) gets the batch and key repeated along the member axis.
   """
-  strategy = members.resolve_strategy(strategy, variables_K["params"])
   if strategy == "vmap":
     return jax.jit(lambda v, x, k, *rest: jax.vmap(lambda v1, *r: fn(v1, x, k, *r))(v, *rest))
-  num = members.num_members_in(variables_K["params"])
   per_member = members.over_members(fn, strategy=strategy, num_members=num)
   repeat = lambda a: jnp.broadcast_to(a, (num,) + a.shape)
   return lambda v, x, k, *rest: per_member(v, repeat(x), repeat(k), *rest)
+
+
+@functools.lru_cache(maxsize=16)
+def _recalibration_fns(m, strategy: str | None, num: int):
+  """(momentum, statistics) functions of model `m` (`as_model`), compiled once per
+  (model, strategy, number of stacked models); strategy None: one unstacked model."""
+  momentum_fn = lambda v, x, k: jax.tree.map(
+      lambda a, z: a - z, _stats_after(m, v, x, k, 1.0), _stats_after(m, v, x, k, 0.0))
+  one = lambda v, x, k, mom: batch_statistics(m, v, x, key=k, momentum=mom)
+  if strategy is None:
+    return jax.jit(momentum_fn), jax.jit(one)
+  return _over_models(momentum_fn, strategy, num), _over_models(one, strategy, num)
 
 
 def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
@@ -130,6 +140,9 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
   its batch statistics in a training-mode forward pass; the stored statistics are not
   used (a model whose stats were zeroed gets the same result). Each layer's momentum is
   measured once, on the first batch (see `batch_statistics`).
+
+  The passes are compiled once per (model, strategy, number of stacked models); later
+  calls with other weights of the same shapes (SWAG samples, curve points) reuse them.
 
   Difference from PyTorch: Flax stores and normalises with the biased batch variance,
   PyTorch stores the unbiased one (n/(n-1), n = values per feature in a batch); we keep
@@ -154,14 +167,12 @@ def recompute_batch_stats(model, variables: PyTree, batches: Iterable, *,
   if not jax.tree.leaves(variables.get("batch_stats", {})):
     raise ValueError("variables have no 'batch_stats': the model has no BatchNorm.")
   key = jax.random.key(0) if key is None else key
-  momentum_fn = lambda v, x, k: jax.tree.map(
-      lambda a, z: a - z, _stats_after(m, v, x, k, 1.0), _stats_after(m, v, x, k, 0.0))
-  stats_fn = functools.partial(batch_statistics, m)
-  one = lambda v, x, k, mom: stats_fn(v, x, key=k, momentum=mom)
   if stacked:
-    momentum_fn, one = (_over_models(f, variables, strategy) for f in (momentum_fn, one))
+    momentum_fn, one = _recalibration_fns(
+        m, members.resolve_strategy(strategy, variables["params"]),
+        members.num_members_in(variables["params"]))
   else:
-    momentum_fn, one = jax.jit(momentum_fn), jax.jit(one)
+    momentum_fn, one = _recalibration_fns(m, None, 0)
   running, momentum = None, None
   n = 0
   for i, batch in enumerate(batches):

@@ -339,6 +339,31 @@ def test_recompute_batch_stats_stacked_shares_the_dropout_key(strategy):
   assert not np.allclose(other["batch_stats"]["bn_1"]["mean"],  # bn_1 follows dropout
                          got["batch_stats"]["bn_1"]["mean"][0])
 
+@pytest.mark.parametrize("stacked,strategy", [(False, "auto"), (True, "vmap"),
+                                              (True, "unroll"), (True, "loop")])
+def test_recompute_batch_stats_traces_once_per_model(monkeypatch, stacked, strategy):
+  # A second call with other weights of the same shapes reuses the compiled functions
+  # (no retrace), and they compute for the new weights what a fresh compile does.
+  traces, stats_after = [], averaging._stats_after
+  monkeypatch.setattr(averaging, "_stats_after", lambda *a: traces.append(1) or stats_after(*a))
+  averaging._recalibration_fns.cache_clear()
+  model = models.MLP(widths=(8,), num_classes=3, batch_norm=True)
+  rng = np.random.default_rng(4)
+  xs = [rng.normal(size=(10, 5)).astype(np.float32) for _ in range(2)]
+  init = lambda s: (jax.vmap(lambda k: model.init(k, xs[0][:1]))(jax.random.split(
+      jax.random.key(s), 2)) if stacked else model.init(jax.random.key(s), xs[0][:1]))
+  kw = dict(stacked=stacked, strategy=strategy)
+  averaging.recompute_batch_stats(model, init(0), xs, **kw)
+  traced = len(traces)
+  assert traced > 0
+  second = averaging.recompute_batch_stats(model, init(1), xs, **kw)
+  assert len(traces) == traced
+  averaging._recalibration_fns.cache_clear()
+  fresh = averaging.recompute_batch_stats(model, init(1), xs, **kw)
+  assert len(traces) > traced
+  chex.assert_trees_all_equal(second, fresh)
+
+
 def test_recompute_batch_stats_errors():
   model = models.MLP(widths=(4,), num_classes=2)
   v = model.init(jax.random.key(0), jnp.ones((1, 3)))
