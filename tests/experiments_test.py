@@ -193,22 +193,21 @@ def test_trajectory_partial_table_and_rows_reused_on_resume(tmp_path, monkeypatc
   is new, and rows stored under other inputs (or unreadable) are recomputed, not trusted."""
   from configs import swa
   from ensembling import trajectory
-  from experiments import trajectory as experiment
   config = swa.get_config("preset=digits,runlocal,methods=sgd+swa")
-  run_method = experiment._run_method
+  fit = trajectory.fit
 
-  def interrupted(method, *args):
-    if method == "swa":
+  def interrupted(model, plan, *args, **kwargs):
+    if plan.method == "swa":
       raise RuntimeError("interrupted")
-    return run_method(method, *args)
+    return fit(model, plan, *args, **kwargs)
 
-  monkeypatch.setattr(experiment, "_run_method", interrupted)
+  monkeypatch.setattr(trajectory, "fit", interrupted)
   with pytest.raises(RuntimeError, match="interrupted"):
     main.run_experiment(config, str(tmp_path))
   partial = open(tmp_path / "results_partial.md").read()
   assert "**Partial**: sgd done; swa not yet" in partial
   assert "independent ensemble of the" in partial and "SWA" not in partial
-  monkeypatch.setattr(experiment, "_run_method", run_method)
+  monkeypatch.setattr(trajectory, "fit", fit)
 
   evaluated, evaluate = [], trajectory.evaluate
   monkeypatch.setattr(trajectory, "evaluate",
