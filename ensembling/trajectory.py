@@ -464,7 +464,7 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
              recalibration_x: np.ndarray | None = None, recalibration_batch_size: int = 128,
              recalibration_examples: int = 0, recalibration_key: jax.Array | None = None,
              recalibrate_snapshots: bool = True, batch_size: int = 1000,
-             strategy: str = "auto") -> dict[str, list[dict]]:
+             strategy: str = "auto", cache: str | None = None) -> dict[str, list[dict]]:
   """Every row a trajectory method reports, one metrics dict per run, on (x, y).
 
   Rows: the end point; for snapshot methods the ensemble of the snapshots (with
@@ -483,17 +483,44 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
     recalibration_batch_size, recalibration_examples, recalibration_key: see
       `recalibrate` (`num_examples`, `key`).
     recalibrate_snapshots: also report the recalibrated snapshot ensemble.
-    batch_size, strategy: for `members.predict`.
+    batch_size, strategy: for `members.predict` and the recalibration passes.
+    cache: a JSON file for the rows (`report.cached`): a later call whose run (end
+      states, snapshots, average), evaluation split, recalibration inputs and key, and
+      settings are the same returns the stored rows without evaluating; anything else
+      (or a damaged file) is evaluated again and overwrites it. The key does not cover
+      the model's code: give each model its own path. With a cache, the rows are their
+      JSON round trip (arrays become lists) on every call.
 
   Returns:
     {row name: [metrics of run 0, run 1, ...]}.
   """
+  settings = dict(recalibration_batch_size=recalibration_batch_size,
+                  recalibration_examples=recalibration_examples,
+                  recalibrate_snapshots=recalibrate_snapshots, batch_size=batch_size,
+                  strategy=strategy)
+  rows = functools.partial(_evaluate, model, run, x, y, recalibration_x=recalibration_x,
+                           recalibration_key=recalibration_key, **settings)
+  if cache is None:
+    return rows()
+  from ensembling import checkpoint, report
+  key = checkpoint.checksum({
+      "trained": (run.state, run.snapshots, run.average), "eval": (x, y),
+      "recalibration": (recalibration_x, None if recalibration_key is None
+                        else jax.random.key_data(recalibration_key)),
+      "settings": repr(sorted(dict(settings, method=run.plan.method).items()))})
+  return report.cached(cache, key=key, compute=rows)
+
+
+def _evaluate(model, run, x, y, *, recalibration_x, recalibration_batch_size,
+              recalibration_examples, recalibration_key, recalibrate_snapshots, batch_size,
+              strategy):
   method, k = run.plan.method, int(np.shape(run.state["step"])[0])
   kw = dict(batch_size=batch_size, strategy=strategy)
   recal = lambda v, dims: recalibrate(model, v, recalibration_x,
                                       batch_size=recalibration_batch_size,
                                       num_examples=recalibration_examples,
-                                      key=recalibration_key, member_dims=dims)
+                                      key=recalibration_key, member_dims=dims,
+                                      strategy=strategy)
   rows: dict[str, list] = {}
   end = members.predict(model, run.state, x, **kw)
   rows["cycle-1 end point (single model, 1/M budget)" if method == "starsse"

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ensembling import checkpoint, configlib, data, report, trajectory
+from ensembling import configlib, data, report, trajectory
 
 
 def _run_method(method, config, splits, model, workdir):
@@ -32,20 +32,16 @@ def _run_method(method, config, splits, model, workdir):
       strategy=config.members_strategy, eval_batch_size=int(config.eval_batch_size),
       star_reset_optimizer=bool(config.traj.star_reset_optimizer),
       progress=bool(config.progress))
-  kw = dict(recalibration_batch_size=int(config.batch_size),
-            recalibration_examples=int(config.recalibration_examples),
-            recalibrate_snapshots=bool(config.traj.recalibrate_snapshots),
-            batch_size=int(config.eval_batch_size), strategy=run.strategy)
   # The rows are stored with what they were computed from, so a resumed run does not
   # re-evaluate (and recalibrate) the methods that had finished.
-  key = checkpoint.checksum({"trained": (run.state, run.snapshots, run.average),
-                             "data": (splits.x_train, splits.x_test, splits.y_test),
-                             "seed": np.int64(config.seed), "settings": repr(sorted(kw.items()))})
-  rows = report.cached(
-      os.path.join(workdir, "rows.json"), key=key,
-      compute=lambda: trajectory.evaluate(
-          model, run, splits.x_test, splits.y_test, recalibration_x=splits.x_train,
-          recalibration_key=jax.random.key(int(config.seed)), **kw))
+  rows = trajectory.evaluate(
+      model, run, splits.x_test, splits.y_test, recalibration_x=splits.x_train,
+      recalibration_key=jax.random.key(int(config.seed)),
+      recalibration_batch_size=int(config.batch_size),
+      recalibration_examples=int(config.recalibration_examples),
+      recalibrate_snapshots=bool(config.traj.recalibrate_snapshots),
+      batch_size=int(config.eval_batch_size), strategy=run.strategy,
+      cache=os.path.join(workdir, "rows.json"))
   return run, rows, spe
 
 

@@ -209,8 +209,8 @@ def test_trajectory_partial_table_and_rows_reused_on_resume(tmp_path, monkeypatc
   assert "independent ensemble of the" in partial and "SWA" not in partial
   monkeypatch.setattr(trajectory, "fit", fit)
 
-  evaluated, evaluate = [], trajectory.evaluate
-  monkeypatch.setattr(trajectory, "evaluate",
+  evaluated, evaluate = [], trajectory._evaluate  # what runs when the rows are not stored
+  monkeypatch.setattr(trajectory, "_evaluate",
                       lambda model, run, *a, **k: evaluated.append(run.plan.method)
                       or evaluate(model, run, *a, **k))
   res = main.run_experiment(config, str(tmp_path))

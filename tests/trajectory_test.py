@@ -514,3 +514,139 @@ def test_recalibrate_over_seeds_x_snapshots_matches_a_per_model_loop(digits):
       chex.assert_trees_all_close(got["batch_stats"], ref["batch_stats"], rtol=1e-5, atol=1e-6)
       chex.assert_trees_all_equal(got["params"], one["params"])
       assert float(np.abs(np.asarray(jax.tree.leaves(got["batch_stats"])[0])).sum()) > 0
+
+
+# --------------------------------------------------------------------------- evaluate
+
+def _bn_runs(runs, snaps, seed=0):
+  """R x M BatchNorm MLPs with distinct weights and stale, distinct running statistics."""
+  model = models.MLP(widths=(16,), num_classes=10, batch_norm=True)
+  v = members.init_members(jax.random.key(seed), model, np.zeros((1, 64), np.float32),
+                           runs * snaps)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed + 1), 3)
+  noise = lambda k, a, s: a + s * jax.random.normal(k, a.shape)
+  v = {"params": jax.tree.map(lambda a: noise(k1, a, 0.1), v["params"]),
+       "batch_stats": {"bn_0": {"mean": noise(k2, v["batch_stats"]["bn_0"]["mean"], 0.5),
+                                "var": 0.5 + jax.random.uniform(k3, (runs * snaps, 16))}}}
+  return model, jax.tree.map(lambda a: a.reshape((runs, snaps) + a.shape[1:]), v)
+
+
+def _ref_probs(model, v, x):
+  z = np.asarray(model.apply(v, x, train=False).logits, np.float64)
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _ref_recal(model, v, x, *, batch_size, n):
+  return averaging.recompute_batch_stats(
+      model, v, (x[i:i + batch_size] for i in range(0, (n // batch_size) * batch_size,
+                                                    batch_size)))
+
+
+def _ref_row(probs_list, y):
+  """Accuracy and NLL of the probability average, and mean pairwise disagreement."""
+  p = np.mean(probs_list, 0)
+  out = {"accuracy": float(np.mean(p.argmax(-1) == y)),
+         "nll": float(-np.mean(np.log(p[np.arange(len(y)), y])))}
+  preds = [q.argmax(-1) for q in probs_list]
+  pairs = [(i, j) for i in range(len(preds)) for j in range(len(preds)) if i != j]
+  if pairs:
+    out["disagreement"] = float(np.mean([np.mean(preds[i] != preds[j]) for i, j in pairs]))
+  return out
+
+
+@pytest.mark.parametrize("method", ["sgd", "snapshot", "swa", "starsse"])
+def test_evaluate_rows_match_a_per_model_reference(digits, method):
+  """Every row `evaluate` reports equals the same quantity computed model by model with
+  `model.apply`, float64 softmax averages and per-model BN recalibration."""
+  runs, snaps, bs, n = 2, 3, 32, 64
+  model, grid = _bn_runs(runs, snaps)
+  one = lambda tree, r, m=None: jax.tree.map(lambda a: a[r] if m is None else a[r, m], tree)
+  x, y = digits.x_test[:150], digits.y_test[:150]
+  xr = digits.x_train[:100]
+  end = dict(one(grid, slice(None), snaps - 1), step=np.zeros(runs, np.int32))
+  plan = {"sgd": lambda: trajectory.sgd_plan(base_lr=0.1, total_steps=12),
+          "snapshot": lambda: trajectory.sse_plan(base_lr=0.1, total_steps=12, num_cycles=3),
+          "swa": lambda: trajectory.swa_plan(base_lr=0.1, total_steps=12, pretrain_steps=6,
+                                             swa_lr=0.01, anneal_steps=0, every=2),
+          "starsse": lambda: trajectory.starsse_plan(base_lr=0.1, total_steps=12,
+                                                     num_cycles=3)}[method]()
+  snapshots = grid if method in ("snapshot", "starsse") else None
+  average = None
+  if method == "swa":  # an average with its own (averaged) statistics, unlike the end's
+    average = one(grid, slice(None), 0)
+  run = trajectory.Trajectory(plan, end, snapshots, average, [], "vmap")
+  got = trajectory.evaluate(model, run, x, y, recalibration_x=xr, recalibration_batch_size=bs,
+                            recalibration_examples=n, batch_size=64)
+
+  want = {}
+  end_probs = [_ref_probs(model, one(members.variables_of(end), r), x) for r in range(runs)]
+  want["cycle-1 end point (single model, 1/M budget)" if method == "starsse"
+       else "end point (single model)"] = [_ref_row([p], y) for p in end_probs]
+  if method == "sgd":
+    want[f"independent ensemble of the {runs} seeds ({runs}x budget)"] = [_ref_row(end_probs, y)]
+  if snapshots is not None:
+    probs = [[_ref_probs(model, one(grid, r, m), x) for m in range(snaps)] for r in range(runs)]
+    want[f"ensemble of {snaps} snapshots"] = [_ref_row(p, y) for p in probs]
+    want["mean snapshot (single model)"] = [
+        {k: float(np.mean([_ref_row([q], y)[k] for q in p])) for k in ("accuracy", "nll")}
+        for p in probs]
+    want[f"ensemble of {snaps} snapshots, each BN recalibrated"] = [
+        _ref_row([_ref_probs(model, _ref_recal(model, one(grid, r, m), xr, batch_size=bs, n=n), x)
+                  for m in range(snaps)], y) for r in range(runs)]
+  if method in ("swa", "starsse"):
+    avg = average if method == "swa" else jax.tree.map(lambda a: a.mean(1), grid)
+    name, stale = (("SWA", "last iterate's") if method == "swa"
+                   else ("uniform soup", "cycle-1 end point's"))
+    want[f"{name} (BN recalibrated)"] = [_ref_row([_ref_probs(
+        model, _ref_recal(model, one(avg, r), xr, batch_size=bs, n=n), x)], y)
+        for r in range(runs)]
+    want[f"{name}, no recalibration: {stale} BN stats"] = [_ref_row([_ref_probs(
+        model, {"params": one(avg, r)["params"], "batch_stats": one(end, r)["batch_stats"]},
+        x)], y) for r in range(runs)]
+    want[f"{name}, no recalibration: averaged BN stats"] = [
+        _ref_row([_ref_probs(model, one(avg, r), x)], y) for r in range(runs)]
+
+  assert list(got) == list(want)
+  for row, per_run in want.items():
+    assert len(got[row]) == len(per_run), row
+    for g, w in zip(got[row], per_run):
+      for k, v in w.items():
+        np.testing.assert_allclose(g[k], v, rtol=2e-4, atol=1e-6, err_msg=f"{row}: {k}")
+  # The rows differ where they should (the recalibration and the stale statistics matter).
+  if method in ("swa", "starsse"):
+    nll = [got[r][0]["nll"] for r in got if "soup" in r or "SWA" in r]
+    assert len(set(np.round(nll, 6))) == len(nll)
+
+
+def test_evaluate_cache_reuses_rows_only_for_the_same_inputs(digits, tmp_path, monkeypatch):
+  """With `cache`, a second call returns the stored rows without evaluating; other
+  weights, another split, another recalibration key or a damaged file are evaluated."""
+  model, grid = _bn_runs(2, 3)
+  end = dict(jax.tree.map(lambda a: a[:, -1], grid), step=np.zeros(2, np.int32))
+  run = trajectory.Trajectory(trajectory.sse_plan(base_lr=0.1, total_steps=12, num_cycles=3),
+                              end, grid, None, [], "vmap")
+  x, y, xr = digits.x_test[:100], digits.y_test[:100], digits.x_train[:64]
+  kw = dict(recalibration_x=xr, recalibration_batch_size=32, batch_size=50,
+            recalibration_key=jax.random.key(0))
+  import json
+  plain = json.loads(json.dumps(trajectory.evaluate(model, run, x, y, **kw),
+                                default=lambda a: np.asarray(a).tolist()))
+  calls, evaluate = [], trajectory._evaluate
+  monkeypatch.setattr(trajectory, "_evaluate",
+                      lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+  path = str(tmp_path / "rows.json")
+  assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 1
+  assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 1
+
+  moved = run._replace(snapshots=jax.tree.map(lambda a: a.at[1, 2].add(0.01), grid))
+  other = trajectory.evaluate(model, moved, x, y, cache=path, **kw)
+  assert len(calls) == 2 and other != plain
+  assert trajectory.evaluate(model, run, x[:80], y[:80], cache=path, **kw) != plain
+  assert len(calls) == 3
+  assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 4
+  trajectory.evaluate(model, run, x, y, cache=path, **dict(kw, recalibration_key=jax.random.key(1)))
+  assert len(calls) == 5  # only the recalibration key changed since the last call
+  open(path, "w").write('{"key": "trunc')
+  assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 6
+  assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 6
