@@ -13,7 +13,8 @@ import os
 import jax
 import numpy as np
 
-from ensembling import configlib, data, lm_ensembles, members, report, train, trajectory
+from ensembling import (checkpoint, configlib, data, lm_ensembles, members, report, train,
+                        trajectory)
 from ensembling import tree as tree_lib
 from ensembling.models import bert
 
@@ -88,11 +89,17 @@ def run(config, workdir: str):
         progress=bool(config.progress))
     snaps = (jax.tree.map(lambda a: a.reshape((s, m) + a.shape[1:]), members.variables_of(res.state))
              if local else res.snapshots)
-    rows[name] = {**trajectory.snapshot_rows(model, snaps, target.x_test, target.y_test,
-                                             recalibrate_fn=recal, **kw),
-                  **trajectory.average_rows(model, jax.tree.map(lambda a: a.mean(1), snaps),
-                                            target.x_test, target.y_test, name="uniform soup",
-                                            recalibrate_fn=recal, **kw)}
+    # Stored with what they were computed from: a resumed run does not re-evaluate.
+    key = checkpoint.checksum({"models": snaps, "test": (target.x_test, target.y_test),
+                               "recalibration": None if text else target.x_train,
+                               "seed": np.int64(seed), "settings": repr(kw)})
+    rows[name] = report.cached(os.path.join(workdir, name.replace(" ", "_"), "rows.json"),
+                               key=key, compute=lambda: {
+        **trajectory.snapshot_rows(model, snaps, target.x_test, target.y_test,
+                                   recalibrate_fn=recal, **kw),
+        **trajectory.average_rows(model, jax.tree.map(lambda a: a.mean(1), snaps),
+                                  target.x_test, target.y_test, name="uniform soup",
+                                  recalibrate_fn=recal, **kw)})
   out = {**info, "target": target.describe(), "models": m, "cycle_steps": cyc, "seeds": s,
          "methods": {n: {r: {"summary": report.seed_summary(ps),
                              "per_seed": [{k: v for k, v in p.items() if k != "_matrix"}

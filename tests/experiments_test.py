@@ -113,7 +113,7 @@ def test_trajectory_runlocal(tmp_path):
       sum(r["accuracy"] for r in row["per_seed"]) / len(row["per_seed"]))
 
 
-def test_starsse_transfer_runlocal(tmp_path):
+def test_starsse_transfer_runlocal(tmp_path, monkeypatch):
   from configs import starsse_transfer
   config = starsse_transfer.get_config("runlocal")
   res = main.run_experiment(config, str(tmp_path))
@@ -127,6 +127,14 @@ def test_starsse_transfer_runlocal(tmp_path):
   assert {r["member"] for r in star} == set(range(config.members * (m - 1)))
   local = [json.loads(l) for l in open(tmp_path / "local_deep_ensemble" / "run" / "metrics.jsonl")]
   assert {r["member"] for r in local} == set(range(config.members * m))
+
+  # A rerun finds every method trained and its rows stored: nothing is evaluated again.
+  from ensembling import trajectory
+  calls, rows = [], trajectory.snapshot_rows
+  monkeypatch.setattr(trajectory, "snapshot_rows", lambda *a, **k: calls.append(1) or rows(*a, **k))
+  assert main.run_experiment(config, str(tmp_path)) == res and not calls
+  json.dump({"key": "0" * 64, "value": {}}, open(tmp_path / "SSE" / "rows.json", "w"))
+  assert main.run_experiment(config, str(tmp_path)) == res and len(calls) == 1
 
 
 @needs_shared_data("sick")
