@@ -85,6 +85,7 @@ def run(config, workdir: str):
         seed=seed + 2, init_variables=init, workdir=os.path.join(workdir, name.replace(" ", "_")),
         optimizer=lambda sch: configlib.optimizer_from_config(config.optim, schedule=sch),
         eval_data=(target.x_val, target.y_val), strategy=config.members_strategy,
+        checkpoint_every=int(config.checkpoint_every_steps),
         weight_decay=configlib._plain(config.optim.weight_decay),
         progress=bool(config.progress))
     snaps = (jax.tree.map(lambda a: a.reshape((s, m) + a.shape[1:]), members.variables_of(res.state))

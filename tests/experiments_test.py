@@ -116,8 +116,12 @@ def test_trajectory_runlocal(tmp_path):
 def test_starsse_transfer_runlocal(tmp_path, monkeypatch):
   from configs import starsse_transfer
   config = starsse_transfer.get_config("runlocal")
+  config.checkpoint_every_steps = 1
   res = main.run_experiment(config, str(tmp_path))
   m = config.transfer.num_models
+  # Fine-tuning checkpoints at the configured interval (every step; the last two kept).
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "SSE" / "run" / "checkpoints") if d.isdigit())
+  assert steps == [m * res["cycle_steps"] - 1, m * res["cycle_steps"]]
   assert set(res["methods"]) == {"local deep ensemble", "SSE", "StarSSE"}
   for rows in res["methods"].values():
     assert f"ensemble of {m} snapshots" in rows and "uniform soup (BN recalibrated)" in rows
