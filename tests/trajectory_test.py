@@ -4,6 +4,7 @@ References are explicit: PyTorch's schedulers / AveragedModel / update_bn re-imp
 step by step in NumPy (torch is not installed), the FGE code's formula, plain means.
 """
 
+import json
 import math
 
 import chex
@@ -629,7 +630,6 @@ def test_evaluate_cache_reuses_rows_only_for_the_same_inputs(digits, tmp_path, m
   x, y, xr = digits.x_test[:100], digits.y_test[:100], digits.x_train[:64]
   kw = dict(recalibration_x=xr, recalibration_batch_size=32, batch_size=50,
             recalibration_key=jax.random.key(0))
-  import json
   plain = json.loads(json.dumps(trajectory.evaluate(model, run, x, y, **kw),
                                 default=lambda a: np.asarray(a).tolist()))
   calls, evaluate = [], trajectory._evaluate
