@@ -494,6 +494,15 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
   Returns:
     {row name: [metrics of run 0, run 1, ...]}.
   """
+  if len(x) != len(y):
+    raise ValueError(f"evaluate: x has {len(x)} examples but y has {len(y)}.")
+  if recalibration_x is None and "batch_stats" in members.variables_of(run.state):
+    needs = ([f"the {run.plan.method} average"] if run.plan.method in ("swa", "starsse") else []) + (
+        ["each snapshot (recalibrate_snapshots=True)"]
+        if run.snapshots is not None and recalibrate_snapshots else [])
+    if needs:
+      raise ValueError(f"evaluate: the model has BatchNorm statistics and recalibrating "
+                       f"{' and '.join(needs)} needs training inputs: pass recalibration_x.")
   settings = dict(recalibration_batch_size=recalibration_batch_size,
                   recalibration_examples=recalibration_examples,
                   recalibrate_snapshots=recalibrate_snapshots, batch_size=batch_size,

@@ -650,3 +650,21 @@ def test_evaluate_cache_reuses_rows_only_for_the_same_inputs(digits, tmp_path, m
   open(path, "w").write('{"key": "trunc')
   assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 6
   assert trajectory.evaluate(model, run, x, y, cache=path, **kw) == plain and len(calls) == 6
+
+
+def test_evaluate_rejects_bad_input_before_any_work(digits, monkeypatch):
+  model, grid = _bn_runs(2, 3)
+  end = dict(jax.tree.map(lambda a: a[:, -1], grid), step=np.zeros(2, np.int32))
+  sse = trajectory.Trajectory(trajectory.sse_plan(base_lr=0.1, total_steps=12, num_cycles=3),
+                              end, grid, None, [], "vmap")
+  monkeypatch.setattr(members, "predict", lambda *a, **k: pytest.fail("evaluated"))
+  x, y = digits.x_test[:50], digits.y_test[:50]
+  with pytest.raises(ValueError, match="x has 50 examples but y has 49"):
+    trajectory.evaluate(model, sse, x, y[:49], recalibration_x=x)
+  with pytest.raises(ValueError, match=r"recalibrating each snapshot .* pass recalibration_x"):
+    trajectory.evaluate(model, sse, x, y)
+  swa = sse._replace(plan=trajectory.swa_plan(base_lr=0.1, total_steps=12, pretrain_steps=6,
+                                              swa_lr=0.01, anneal_steps=0, every=2),
+                     snapshots=None, average=jax.tree.map(lambda a: a[:, 0], grid))
+  with pytest.raises(ValueError, match="recalibrating the swa average needs training inputs"):
+    trajectory.evaluate(model, swa, x, y)
