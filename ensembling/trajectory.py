@@ -452,6 +452,10 @@ def average_rows(model, average: PyTree, x: np.ndarray, y: np.ndarray, *, name: 
   avg = members.variables_of(average)
   if "batch_stats" not in avg:
     return {name: _singles(logits(avg), y)}
+  if recalibrate_fn is None:
+    raise ValueError(f"average_rows: the {name} has BatchNorm statistics, so its first row "
+                     "needs recalibrate_fn, e.g. lambda v, dims: trajectory.recalibrate("
+                     "model, v, x_train, batch_size=128, member_dims=dims).")
   rows = {f"{name} (BN recalibrated)": _singles(logits(recalibrate_fn(avg, 1)), y)}
   if stale_stats is not None:
     rows[f"{name}, no recalibration: {stale} BN stats"] = _singles(logits(

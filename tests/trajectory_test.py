@@ -668,3 +668,5 @@ def test_evaluate_rejects_bad_input_before_any_work(digits, monkeypatch):
                      snapshots=None, average=jax.tree.map(lambda a: a[:, 0], grid))
   with pytest.raises(ValueError, match="recalibrating the swa average needs training inputs"):
     trajectory.evaluate(model, swa, x, y)
+  with pytest.raises(ValueError, match="the SWA has BatchNorm statistics, so its first row needs"):
+    trajectory.average_rows(model, jax.tree.map(lambda a: a[:, 0], grid), x, y, name="SWA")
