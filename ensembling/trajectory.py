@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ensembling import averaging, members, schedules, train
+from ensembling import averaging, checks, members, schedules, train
 PyTree = Any
 METHODS = ("sgd", "snapshot", "fge", "swa", "starsse")
 _EMPTY = np.array([], np.int64)
@@ -371,7 +371,13 @@ def recalibrate(model, variables: PyTree, x: np.ndarray, *, batch_size: int,
   (`averaging.recompute_batch_stats`, PyTorch `update_bn` semantics, its `strategy`),
   the first `num_examples` examples (0: all) in order, the last incomplete batch dropped.
   """
-  n = int(num_examples) or len(x)
+  if x is None:
+    raise ValueError("recalibrate: x (the training inputs to recompute statistics on) is None.")
+  batch_size = checks.integer(batch_size, name="recalibrate: batch_size")
+  n = checks.integer(num_examples, name="recalibrate: num_examples", low=0, high=len(x)) or len(x)
+  if n < batch_size:
+    raise ValueError(f"recalibrate: {n} examples make no full batch of {batch_size} (the last "
+                     "incomplete batch is dropped); lower batch_size.")
   lead = jax.tree.leaves(variables["params"])[0].shape[:member_dims]
   flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[member_dims:]),
                       members.variables_of(variables))

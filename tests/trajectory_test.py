@@ -670,3 +670,16 @@ def test_evaluate_rejects_bad_input_before_any_work(digits, monkeypatch):
     trajectory.evaluate(model, swa, x, y)
   with pytest.raises(ValueError, match="the SWA has BatchNorm statistics, so its first row needs"):
     trajectory.average_rows(model, jax.tree.map(lambda a: a[:, 0], grid), x, y, name="SWA")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(x=None), "x .* is None"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(num_examples=101), "num_examples"),
+    (dict(num_examples=20), "20 examples make no full batch of 32"),
+])
+def test_recalibrate_rejects_bad_input(digits, kw, match):
+  model, grid = _bn_runs(2, 1)
+  args = {"x": digits.x_train[:100], "batch_size": 32, **kw}
+  with pytest.raises(ValueError, match=match):
+    trajectory.recalibrate(model, jax.tree.map(lambda a: a[:, 0], grid), args.pop("x"), **args)
