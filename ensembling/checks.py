@@ -1,4 +1,5 @@
-"""Argument checks shared by the library: one rule, one message, wherever a count is taken.
+"""Argument checks shared by the library: one rule, one message, wherever a count is taken
+(`integer`) or inputs are paired with labels (`paired`).
 
 A count (members, steps, bins, bits, a batch size) is an *integer*: a Python `int`, a NumPy
 integer, or a 0-d integer array — anything with `__index__`. `True` is refused although
@@ -42,3 +43,15 @@ def integer(value, *, name: str, low: int = 1, high: int | None = None) -> int:
   if v < low or (high is not None and v > high):
     raise ValueError(message)
   return v
+
+
+def paired(x, y, *, where: str = "") -> None:
+  """A ValueError "[where: ]x has N examples but y has M." unless len(x) == len(y).
+
+  >>> paired([1, 2], [0], where="evaluate")
+  Traceback (most recent call last):
+  ...
+  ValueError: evaluate: x has 2 examples but y has 1.
+  """
+  if len(x) != len(y):
+    raise ValueError(f"{where + ': ' if where else ''}x has {len(x)} examples but y has {len(y)}.")

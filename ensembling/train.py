@@ -33,7 +33,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ensembling import checkpoint, data, distributed, ensemble, losses, members, metrics, optim
+from ensembling import (checkpoint, checks, data, distributed, ensemble, losses, members, metrics,
+                        optim)
 from ensembling.models.contract import as_model
 
 PyTree = Any
@@ -54,8 +55,7 @@ def make_batch_fn(x: np.ndarray, y: np.ndarray, *, seed: int, batch_size: int,
   global step, which is what makes resumption exact. With `num_members=None` the batches
   have no member axis ({"x": (B, ...), "y": (B,)}: member 0's order of K = 1).
   """
-  if len(x) != len(y):
-    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+  checks.paired(x, y)
   k = 1 if num_members is None else members.check_num_members(num_members)
   indices, steps_per_epoch = data.batch_indices_fn(seed, num_examples=len(x),
                                                    batch_size=batch_size, num_members=k)

@@ -504,8 +504,7 @@ def evaluate(model, run: Trajectory, x: np.ndarray, y: np.ndarray, *,
   Returns:
     {row name: [metrics of run 0, run 1, ...]}.
   """
-  if len(x) != len(y):
-    raise ValueError(f"evaluate: x has {len(x)} examples but y has {len(y)}.")
+  checks.paired(x, y, where="evaluate")
   if recalibration_x is None and "batch_stats" in members.variables_of(run.state):
     needs = ([f"the {run.plan.method} average"] if run.plan.method in ("swa", "starsse") else []) + (
         ["each snapshot (recalibrate_snapshots=True)"]

@@ -76,3 +76,11 @@ def test_library_counts_take_numpy_integers_and_refuse_bools_and_floats(name):
   for bad in (True, 2.0):
     with pytest.raises(ValueError, match=rf"must be an integer .*got {bad!r}"):
       call(bad)
+
+
+def test_paired_names_both_lengths_and_where():
+  checks.paired(np.zeros((3, 2)), [0, 1, 2])
+  with pytest.raises(ValueError, match=r"^x has 3 examples but y has 2\.$"):
+    checks.paired(np.zeros((3, 2)), [0, 1])
+  with pytest.raises(ValueError, match=r"^evaluate: x has 1 examples but y has 2\.$"):
+    checks.paired([0], [0, 1], where="evaluate")

@@ -119,8 +119,7 @@ def shard_batch_fn(x: np.ndarray, y: np.ndarray, shards_KxN: np.ndarray, *, seed
   shards = np.asarray(shards_KxN)
   if shards.ndim != 2:
     raise ValueError(f"shards must be (K, N) indices, got shape {shards.shape}.")
-  if len(x) != len(y):
-    raise ValueError(f"x has {len(x)} examples but y has {len(y)}.")
+  checks.paired(x, y)
   k, n = shards.shape
   indices, spe = batch_indices_fn(seed, num_examples=n, batch_size=batch_size, num_members=k)
   rows = np.arange(k)[:, None]
